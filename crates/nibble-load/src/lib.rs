@@ -1,0 +1,20 @@
+//! `nibble-load`: everything read from disk before a model exists.
+//!
+//! - [`source`]: resolving what the caller named (a folder) into the files of a model.
+//! - [`config`]: `config.json` into a checked [`LlamaConfig`] (transformers 4.x and 5.x layouts).
+//! - [`weights`]: memory-mapped safetensors (one file or shards), with typed errors naming the file
+//!   and tensor.
+//! - [`tokenizer`]: the tokenizer, its special tokens and the chat template.
+//! - [`generation`]: `generation_config.json` (eos ids, sampling defaults).
+
+pub mod config;
+pub mod generation;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use generation::GenerationConfig;
+pub use source::ModelFiles;
+pub use tokenizer::{ChatMessage, ChatTemplate, TextTokenizer};
+pub use weights::{RawTensor, Weights};

@@ -1,0 +1,189 @@
+//! The tokenizer (`tokenizer.json`), its special tokens (`tokenizer_config.json`) and the chat
+//! template (`chat_template.jinja`, or the `chat_template` field of `tokenizer_config.json`).
+
+use std::path::{Path, PathBuf};
+
+use nibble_core::{Error, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+/// One chat turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+}
+
+/// A model's chat template, rendered with minijinja and Python-compatible string methods.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`.
+    pub fn new(source: String) -> Result<Self> {
+        let mut env = minijinja::Environment::new();
+        // HF templates call Python string methods (`.strip()`, `.startswith()`...).
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", source)
+            .map_err(|e| Error::ChatTemplate { reason: format!("the template does not compile: {e}") })?;
+        Ok(Self { env })
+    }
+
+    /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant speaks.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String> {
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::ChatTemplate { reason: e.to_string() })?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        })
+        .map_err(|e| Error::ChatTemplate { reason: format!("rendering failed: {e}") })
+    }
+}
+
+/// A tokenizer with the model's special tokens and chat template.
+#[derive(Debug)]
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    /// The bos token text, when the model has one.
+    pub bos_token: Option<String>,
+    /// The eos token text, when the model has one.
+    pub eos_token: Option<String>,
+    /// The chat template, when the model has one.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+/// `tokenizer_config.json` writes special tokens as a string or as `{"content": ...}`.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The `chat_template` field: a string, or a list of `{name, template}` (the `default` one wins).
+fn template_from_config(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => {
+            let named = |n: &str| {
+                items.iter().find(|t| t.get("name").and_then(Value::as_str) == Some(n))
+            };
+            named("default")
+                .or(items.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`, with special tokens and chat template from the optional files.
+    pub fn from_files(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+        chat_template_file: Option<&Path>,
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| Error::Tokenizer {
+            path: tokenizer_json.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let cfg: Value = match tokenizer_config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+                serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
+                    path: p.to_path_buf(),
+                    field: "<root>".into(),
+                    reason: format!("not valid JSON: {e}"),
+                })?
+            }
+            None => Value::Null,
+        };
+        let template_source = match chat_template_file {
+            Some(p) if p.extension().is_some_and(|e| e == "json") => {
+                let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::ChatTemplate { reason: format!("{}: not valid JSON: {e}", p.display()) })?;
+                template_from_config(v.get("chat_template"))
+            }
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
+            None => template_from_config(cfg.get("chat_template")),
+        };
+        Ok(Self {
+            inner,
+            path: tokenizer_json.to_path_buf(),
+            bos_token: token_text(cfg.get("bos_token")),
+            eos_token: token_text(cfg.get("eos_token")),
+            chat_template: template_source.map(ChatTemplate::new).transpose()?,
+        })
+    }
+
+    /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds
+    /// (a bos, for Llama).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: e.to_string() })
+    }
+
+    /// The id of a token's text, if it is in the vocabulary.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders a conversation with the model's template and tokenizes it (no extra special
+    /// tokens: the template writes them, as `apply_chat_template` does).
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let tmpl = self.chat_template.as_ref().ok_or_else(|| Error::ChatTemplate {
+            reason: "the model has no chat template (chat_template.jinja or tokenizer_config.json's \
+                     `chat_template`); use plain generation instead"
+                .into(),
+        })?;
+        let text = tmpl.render(
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )?;
+        self.encode(&text, false)
+    }
+}

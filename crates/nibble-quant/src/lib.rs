@@ -1,0 +1,16 @@
+//! `nibble-quant`: quantization formats, exactly as bitsandbytes defines them.
+//!
+//! - [`BitsAndBytesConfig`]: transformers' quantization settings, with their names, defaults,
+//!   validation and JSON form.
+//! - [`functional`]: the counterpart of `bitsandbytes.functional`: NF4/FP4 blockwise quantization with
+//!   double quantization, and LLM.int8() vector-wise quantization, bit-exact with bitsandbytes.
+//! - [`linear`]: one [`QuantLinear`] trait for every linear layer (dense, 4-bit, 8-bit), so the
+//!   model never branches on the format.
+
+pub mod config;
+pub mod functional;
+pub mod linear;
+
+pub use config::{BitsAndBytesConfig, ComputeDtype, QuantMethod};
+pub use functional::QuantType;
+pub use linear::{DenseLinear, Linear4bit, Linear8bit, QuantLinear};

@@ -1,0 +1,365 @@
+//! Linear layers: one trait, three formats (dense, 4-bit, LLM.int8()).
+//!
+//! The model holds `Box<dyn QuantLinear>` for every projection and never asks which format it is.
+
+use candle_core::{DType, Device, Tensor, D};
+use half::{bf16, f16};
+use nibble_core::{Error, Result};
+
+use crate::functional::{self, Element, Packed4bit, QuantType};
+
+/// A linear layer `y = x W^T (+ b)` whatever the weight's storage.
+pub trait QuantLinear: std::fmt::Debug + Send + Sync {
+    /// Applies the layer to `x` of shape `[..., in_features]` (compute dtype); returns
+    /// `[..., out_features]` in the same dtype.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Input width.
+    fn in_features(&self) -> usize;
+    /// Output width.
+    fn out_features(&self) -> usize;
+    /// Bytes the layer keeps resident: weights plus quantization state.
+    fn resident_bytes(&self) -> usize;
+    /// A short name of the storage format (`dense`, `nf4`, `fp4`, `int8`).
+    fn format(&self) -> &'static str;
+    /// The layer's weight as a dense `[out, in]` tensor in `dtype` (dequantized when quantized).
+    fn dequantized_weight(&self, dtype: DType) -> Result<Tensor>;
+    /// The underlying storage, for saving in the bitsandbytes layout.
+    fn storage(&self) -> LinearStorage<'_>;
+}
+
+/// Borrowed view of a layer's storage, for serialization.
+#[derive(Debug)]
+pub enum LinearStorage<'a> {
+    /// A dense weight `[out, in]`.
+    Dense(&'a Tensor),
+    /// Packed 4-bit weight, with the dtype of the weight it was made from.
+    FourBit(&'a Packed4bit, DType),
+    /// Int8 codes `[out, in]` and per-row scales.
+    Int8 {
+        /// Row-major codes.
+        cb: &'a [i8],
+        /// Row absmax (SCB).
+        scb: &'a [f32],
+    },
+}
+
+/// Multiplies `x [..., in]` by `w^T` where `w` is `[out, in]`, flattening leading dims.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let (lead, inner) = dims.split_at(dims.len().saturating_sub(1));
+    let in_f = inner.first().copied().unwrap_or(0);
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
+    let mut out_shape = lead.to_vec();
+    out_shape.push(w.dim(0)?);
+    Ok(y.reshape(out_shape)?)
+}
+
+fn check_input(x: &Tensor, in_features: usize) -> Result<()> {
+    let last = x.dim(D::Minus1)?;
+    if last != in_features {
+        return Err(Error::invalid_argument(
+            "x",
+            format!("linear layer expects {in_features} input features, got shape {:?}", x.dims()),
+        ));
+    }
+    Ok(())
+}
+
+/// An unquantized layer: the weight in the compute dtype.
+#[derive(Debug, Clone)]
+pub struct DenseLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl DenseLinear {
+    /// Wraps a weight `[out, in]` (and optional bias `[out]`), already in the compute dtype.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if weight.rank() != 2 {
+            return Err(Error::invalid_argument("weight", format!("must be 2-D, got {:?}", weight.dims())));
+        }
+        Ok(Self { weight, bias })
+    }
+}
+
+impl QuantLinear for DenseLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_input(x, self.in_features())?;
+        let y = matmul_t(x, &self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+    fn in_features(&self) -> usize {
+        self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+    fn out_features(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+    fn resident_bytes(&self) -> usize {
+        let b = self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+        self.weight.elem_count() * self.weight.dtype().size_in_bytes() + b
+    }
+    fn format(&self) -> &'static str {
+        "dense"
+    }
+    fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
+        Ok(self.weight.to_dtype(dtype)?)
+    }
+    fn storage(&self) -> LinearStorage<'_> {
+        LinearStorage::Dense(&self.weight)
+    }
+}
+
+/// Reads a tensor's values as `T` (converting from its own float dtype).
+fn tensor_values<T: Element + candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    Ok(t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?)
+}
+
+/// A 4-bit (NF4/FP4) layer in the bitsandbytes format.
+///
+/// As bitsandbytes does on CPU, the forward pass dequantizes the weight into the dtype it was
+/// quantized from, casts it to the compute dtype and multiplies.
+#[derive(Debug)]
+pub struct Linear4bit {
+    q: Packed4bit,
+    /// Dequantized per-block absmax, computed once (double quant makes it two lookups away).
+    absmax: Vec<f32>,
+    out_features: usize,
+    in_features: usize,
+    /// The dtype of the original weight (bitsandbytes' `quant_state.dtype`).
+    weight_dtype: DType,
+    compute_dtype: DType,
+    device: Device,
+}
+
+impl Linear4bit {
+    /// Quantizes a dense weight `[out, in]` (f32, f16 or bf16) for use on `device`.
+    pub fn quantize(
+        weight: &Tensor,
+        quant_type: QuantType,
+        blocksize: usize,
+        double_quant: bool,
+        compute_dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let q = match weight.dtype() {
+            DType::F32 => functional::quantize_4bit(&tensor_values::<f32>(weight)?, blocksize, quant_type, double_quant)?,
+            DType::F16 => functional::quantize_4bit(&tensor_values::<f16>(weight)?, blocksize, quant_type, double_quant)?,
+            DType::BF16 => {
+                functional::quantize_4bit(&tensor_values::<bf16>(weight)?, blocksize, quant_type, double_quant)?
+            }
+            other => {
+                return Err(Error::invalid_argument("weight", format!("cannot quantize a {other:?} tensor to 4 bits")))
+            }
+        };
+        Self::from_packed(q, out_features, in_features, weight.dtype(), compute_dtype, device.clone())
+    }
+
+    /// Wraps already-packed data (a pre-quantized checkpoint).
+    pub fn from_packed(
+        q: Packed4bit,
+        out_features: usize,
+        in_features: usize,
+        weight_dtype: DType,
+        compute_dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let numel = out_features.saturating_mul(in_features);
+        if q.numel != numel || q.packed.len() != numel.div_ceil(2) {
+            return Err(Error::quant_state(
+                "weight",
+                format!(
+                    "{} packed bytes for {} values cannot hold a [{out_features}, {in_features}] weight",
+                    q.packed.len(),
+                    q.numel
+                ),
+            ));
+        }
+        if q.absmax.n_blocks() != numel.div_ceil(q.blocksize.max(1)) {
+            return Err(Error::quant_state(
+                "weight.absmax",
+                format!("{} blocks of absmax, expected {}", q.absmax.n_blocks(), numel.div_ceil(q.blocksize.max(1))),
+            ));
+        }
+        if !matches!(weight_dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::quant_state("weight", format!("quant_state dtype {weight_dtype:?} is not a float type")));
+        }
+        q.validate()?;
+        let absmax = q.absmax.try_to_f32()?;
+        Ok(Self { q, absmax, out_features, in_features, weight_dtype, compute_dtype, device })
+    }
+
+    /// The packed data.
+    pub fn packed(&self) -> &Packed4bit {
+        &self.q
+    }
+
+    fn dequant_as<T: Element + candle_core::WithDType>(&self) -> Result<Tensor> {
+        let mut out = vec![T::from_f32(0.0); self.q.numel];
+        functional::dequantize_4bit_into(&self.q, &self.absmax, &mut out)?;
+        Ok(Tensor::from_vec(out, (self.out_features, self.in_features), &Device::Cpu)?)
+    }
+
+    fn dequant(&self) -> Result<Tensor> {
+        match self.weight_dtype {
+            DType::F16 => self.dequant_as::<f16>(),
+            DType::BF16 => self.dequant_as::<bf16>(),
+            _ => self.dequant_as::<f32>(),
+        }
+    }
+}
+
+impl QuantLinear for Linear4bit {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_input(x, self.in_features)?;
+        let w = self.dequant()?.to_dtype(self.compute_dtype)?.to_device(&self.device)?;
+        matmul_t(x, &w)
+    }
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+    fn resident_bytes(&self) -> usize {
+        let absmax = match &self.q.absmax {
+            functional::Absmax::F32(v) => v.len() * 4,
+            functional::Absmax::Double(d) => d.codes.len() + d.nested_absmax.len() * 4 + 4,
+        };
+        self.q.packed.len() + absmax
+    }
+    fn format(&self) -> &'static str {
+        match self.q.quant_type {
+            QuantType::Nf4 => "nf4",
+            QuantType::Fp4 => "fp4",
+        }
+    }
+    fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
+        Ok(self.dequant()?.to_dtype(dtype)?)
+    }
+    fn storage(&self) -> LinearStorage<'_> {
+        LinearStorage::FourBit(&self.q, self.weight_dtype)
+    }
+}
+
+/// bitsandbytes' `1 / (127 * 127)`, the int32 accumulator's scale in `int8_mm_dequant`.
+const INT8_MM_SCALE: f32 = 6.200_124e-5;
+
+/// An LLM.int8() layer: int8 row-quantized weights; at run time the activations are quantized
+/// row-wise too, except the columns holding outliers (|x| >= threshold), which are multiplied in
+/// 16-bit against the dequantized weight columns, as bitsandbytes' mixed-precision decomposition does.
+#[derive(Debug)]
+pub struct Linear8bit {
+    cb: Vec<i8>,
+    scb: Vec<f32>,
+    out_features: usize,
+    in_features: usize,
+    threshold: f32,
+    compute_dtype: DType,
+    device: Device,
+}
+
+impl Linear8bit {
+    /// Quantizes a dense weight `[out, in]` row-wise (bitsandbytes quantizes weights with no
+    /// outlier threshold; the threshold applies to activations).
+    pub fn quantize(weight: &Tensor, threshold: f32, compute_dtype: DType, device: &Device) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let w16 = tensor_values::<f16>(weight)?;
+        let q = functional::int8_vectorwise_quant(&w16, out_features, in_features, 0.0)?;
+        Self::from_parts(q.cb, q.scb, out_features, in_features, threshold, compute_dtype, device.clone())
+    }
+
+    /// Wraps pre-quantized codes and row scales (a bitsandbytes 8-bit checkpoint's `weight` and `SCB`).
+    pub fn from_parts(
+        cb: Vec<i8>,
+        scb: Vec<f32>,
+        out_features: usize,
+        in_features: usize,
+        threshold: f32,
+        compute_dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        if cb.len() != out_features.saturating_mul(in_features) {
+            return Err(Error::quant_state(
+                "weight",
+                format!("{} int8 values cannot hold a [{out_features}, {in_features}] weight", cb.len()),
+            ));
+        }
+        if scb.len() != out_features {
+            return Err(Error::quant_state("SCB", format!("{} row scales for {out_features} rows", scb.len())));
+        }
+        Ok(Self { cb, scb, out_features, in_features, threshold, compute_dtype, device })
+    }
+
+    /// The forward pass on host memory; returns `[rows, out]` as f16 values, as bitsandbytes does.
+    fn forward_host(&self, x16: &[f16], rows: usize) -> Result<Vec<f16>> {
+        use rayon::prelude::*;
+        let (n_in, n_out) = (self.in_features, self.out_features);
+        let qa = functional::int8_vectorwise_quant(x16, rows, n_in, self.threshold)?;
+        let cols: Vec<usize> = qa.outlier_cols.clone().unwrap_or_default();
+        // Weight columns holding outliers, dequantized and rounded to f16 as bitsandbytes does.
+        let sub_b: Vec<f32> = (0..n_out)
+            .flat_map(|o| {
+                let row = &self.cb[o * n_in..(o + 1) * n_in];
+                let s = self.scb[o];
+                // Same operation order as bitsandbytes' int8_vectorwise_dequant.
+                cols.iter().map(move |&c| f16::from_f32((f32::from(row[c]) * s) * functional::INV_127).to_f32())
+            })
+            .collect();
+        let mut out = vec![f16::ZERO; rows * n_out];
+        out.par_chunks_mut(n_out).enumerate().for_each(|(r, out_row)| {
+            let a = &qa.cb[r * n_in..(r + 1) * n_in];
+            let sa = qa.scb[r];
+            let xa = &x16[r * n_in..(r + 1) * n_in];
+            for (o, y) in out_row.iter_mut().enumerate() {
+                let w = &self.cb[o * n_in..(o + 1) * n_in];
+                let acc: i32 = a.iter().zip(w).map(|(&p, &q)| i32::from(p) * i32::from(q)).sum();
+                let main = f16::from_f32(acc as f32 * (sa * self.scb[o]) * INT8_MM_SCALE);
+                if cols.is_empty() {
+                    *y = main;
+                } else {
+                    let sb = &sub_b[o * cols.len()..(o + 1) * cols.len()];
+                    let extra: f32 = cols.iter().zip(sb).map(|(&c, &b)| xa[c].to_f32() * b).sum();
+                    *y = f16::from_f32(main.to_f32() + extra);
+                }
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl QuantLinear for Linear8bit {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_input(x, self.in_features)?;
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x16 = x.to_dtype(DType::F16)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f16>()?;
+        let y = self.forward_host(&x16, rows)?;
+        let mut out_shape = dims[..dims.len() - 1].to_vec();
+        out_shape.push(self.out_features);
+        Ok(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(self.compute_dtype)?.to_device(&self.device)?)
+    }
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+    fn resident_bytes(&self) -> usize {
+        self.cb.len() + self.scb.len() * 4
+    }
+    fn format(&self) -> &'static str {
+        "int8"
+    }
+    fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
+        let w = functional::int8_vectorwise_dequant(&self.cb, &self.scb, self.out_features, self.in_features)?;
+        Ok(Tensor::from_vec(w, (self.out_features, self.in_features), &Device::Cpu)?.to_dtype(dtype)?)
+    }
+    fn storage(&self) -> LinearStorage<'_> {
+        LinearStorage::Int8 { cb: &self.cb, scb: &self.scb }
+    }
+}

@@ -1,0 +1,276 @@
+//! Every reference case written by bitsandbytes 0.50.2 / torch on CPU must be reproduced bit for
+//! bit: packed codes, absmax (or its double quantization), code books and dequantized values for
+//! 4-bit; codes, scales and outlier columns for LLM.int8().
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use nibble_quant::functional::{
+    code_book, dequantize_4bit, dynamic_map, int8_vectorwise_quant, quantize_4bit, Absmax, DoubleQuant, Element,
+    Packed4bit, QuantType, NESTED_BLOCKSIZE,
+};
+use safetensors::{Dtype, SafeTensors};
+
+const QUANT4_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/quant4");
+const INT8_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/int8");
+
+fn cases(dir: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+struct Case {
+    name: String,
+    bytes: Vec<u8>,
+    meta: HashMap<String, String>,
+}
+
+impl Case {
+    fn load(path: &Path) -> Self {
+        let bytes = std::fs::read(path).unwrap();
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = metadata.metadata().clone().unwrap_or_default();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        Case { name, bytes, meta }
+    }
+
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).unwrap()
+    }
+
+    fn meta(&self, key: &str) -> &str {
+        self.meta.get(key).unwrap_or_else(|| panic!("{}: metadata `{key}` missing", self.name))
+    }
+
+    fn has(&self, tensor: &str) -> bool {
+        self.st().tensor(tensor).is_ok()
+    }
+
+    /// The raw little-endian bytes of a tensor, with its dtype checked.
+    fn raw(&self, tensor: &str, dtype: Dtype) -> Vec<u8> {
+        let st = self.st();
+        let t = st.tensor(tensor).unwrap_or_else(|e| panic!("{}: tensor `{tensor}`: {e}", self.name));
+        assert_eq!(t.dtype(), dtype, "{}: dtype of `{tensor}`", self.name);
+        t.data().to_vec()
+    }
+
+    fn u8s(&self, tensor: &str) -> Vec<u8> {
+        self.raw(tensor, Dtype::U8)
+    }
+
+    fn i8s(&self, tensor: &str) -> Vec<i8> {
+        self.raw(tensor, Dtype::I8).into_iter().map(|b| b as i8).collect()
+    }
+
+    fn f32_bits(&self, tensor: &str) -> Vec<u32> {
+        self.raw(tensor, Dtype::F32).chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+
+    fn f32s(&self, tensor: &str) -> Vec<f32> {
+        self.f32_bits(tensor).into_iter().map(f32::from_bits).collect()
+    }
+
+    fn u16s(&self, tensor: &str, dtype: Dtype) -> Vec<u16> {
+        self.raw(tensor, dtype).chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    }
+
+    fn i64s(&self, tensor: &str) -> Vec<i64> {
+        self.raw(tensor, Dtype::I64).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// An element type together with how its raw bits compare.
+trait Bits: Element {
+    const DTYPE: Dtype;
+    fn from_raw(raw: &[u8]) -> Vec<Self>;
+    fn to_bits64(self) -> u64;
+}
+
+impl Bits for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    fn from_raw(raw: &[u8]) -> Vec<Self> {
+        raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+    fn to_bits64(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
+
+impl Bits for f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    fn from_raw(raw: &[u8]) -> Vec<Self> {
+        raw.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
+    }
+    fn to_bits64(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
+
+impl Bits for bf16 {
+    const DTYPE: Dtype = Dtype::BF16;
+    fn from_raw(raw: &[u8]) -> Vec<Self> {
+        raw.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
+    }
+    fn to_bits64(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
+
+/// Checks one 4-bit case in dtype `T`; returns the list of mismatches (empty when it passes).
+fn check_quant4<T: Bits>(case: &Case) -> Vec<String> {
+    let mut errs = Vec::new();
+    let name = &case.name;
+    let quant_type = match case.meta("quant_type") {
+        "nf4" => QuantType::Nf4,
+        "fp4" => QuantType::Fp4,
+        other => panic!("{name}: quant_type {other}"),
+    };
+    let blocksize: usize = case.meta("blocksize").parse().unwrap();
+    let double_quant = case.meta("double_quant") == "true";
+    let shape: Vec<usize> = serde_json::from_str(case.meta("shape")).unwrap();
+    let numel: usize = shape.iter().product();
+
+    let input = T::from_raw(&case.raw("input", T::DTYPE));
+    assert_eq!(input.len(), numel, "{name}: input length");
+
+    // Code books.
+    if bits(code_book(quant_type)) != case.f32_bits("quant_map") {
+        errs.push(format!("{name}: code_book({quant_type:?}) differs from quant_map"));
+    }
+    if double_quant && bits(dynamic_map()) != case.f32_bits("nested_quant_map") {
+        errs.push(format!("{name}: dynamic_map() differs from nested_quant_map"));
+    }
+
+    // Quantization.
+    let q = match quantize_4bit(&input, blocksize, quant_type, double_quant) {
+        Ok(q) => q,
+        Err(e) => return vec![format!("{name}: quantize_4bit failed: {e}")],
+    };
+    assert_eq!((q.numel, q.blocksize, q.quant_type), (numel, blocksize, quant_type));
+    let ref_packed = case.u8s("packed");
+    if q.packed != ref_packed {
+        let n = q.packed.iter().zip(&ref_packed).filter(|(a, b)| a != b).count();
+        errs.push(format!("{name}: packed differs in {n} of {} bytes", ref_packed.len()));
+    }
+    let ref_absmax = match (&q.absmax, double_quant) {
+        (Absmax::F32(v), false) => {
+            let r = case.f32_bits("absmax");
+            if bits(v) != r {
+                errs.push(format!("{name}: absmax differs"));
+            }
+            Absmax::F32(r.into_iter().map(f32::from_bits).collect())
+        }
+        (Absmax::Double(d), true) => {
+            let codes = case.u8s("absmax");
+            let nested = case.f32_bits("nested_absmax");
+            let offset = case.f32_bits("offset");
+            if d.codes != codes {
+                let n = d.codes.iter().zip(&codes).filter(|(a, b)| a != b).count();
+                errs.push(format!("{name}: absmax codes differ in {n} of {}", codes.len()));
+            }
+            if bits(&d.nested_absmax) != nested {
+                errs.push(format!("{name}: nested_absmax differs"));
+            }
+            if vec![d.offset.to_bits()] != offset {
+                errs.push(format!("{name}: offset {} != {}", d.offset, f32::from_bits(offset[0])));
+            }
+            let nested_bs: usize = case.meta("nested_blocksize").parse().unwrap();
+            assert_eq!(d.nested_blocksize, nested_bs, "{name}: nested_blocksize");
+            assert_eq!(nested_bs, NESTED_BLOCKSIZE);
+            Absmax::Double(DoubleQuant {
+                codes,
+                offset: f32::from_bits(offset[0]),
+                nested_absmax: nested.into_iter().map(f32::from_bits).collect(),
+                nested_blocksize: nested_bs,
+            })
+        }
+        _ => panic!("{name}: absmax kind does not match double_quant={double_quant}"),
+    };
+
+    // Dequantization, both of our own result and of bnb's tensors as a checkpoint would hold them.
+    let expected: Vec<u64> = T::from_raw(&case.raw("dequant", T::DTYPE)).into_iter().map(Bits::to_bits64).collect();
+    let from_ref = Packed4bit { packed: ref_packed, absmax: ref_absmax, numel, blocksize, quant_type };
+    for (label, packed) in [("ours", &q), ("reference", &from_ref)] {
+        match dequantize_4bit::<T>(packed) {
+            Ok(out) => {
+                let got: Vec<u64> = out.into_iter().map(Bits::to_bits64).collect();
+                if got != expected {
+                    let n = got.iter().zip(&expected).filter(|(a, b)| a != b).count();
+                    errs.push(format!("{name}: dequantize_4bit({label}) differs in {n} of {numel} values"));
+                }
+            }
+            Err(e) => errs.push(format!("{name}: dequantize_4bit({label}) failed: {e}")),
+        }
+    }
+    errs
+}
+
+#[test]
+fn quant4_reference_cases() {
+    let paths = cases(QUANT4_DIR);
+    assert_eq!(paths.len(), 60, "expected the 60 quant4 reference cases in {QUANT4_DIR}");
+    let mut errs = Vec::new();
+    let mut seen = HashMap::<(String, String, String), usize>::new();
+    for path in &paths {
+        let case = Case::load(path);
+        let dtype = case.meta("dtype").to_string();
+        *seen.entry((case.meta("quant_type").into(), dtype.clone(), case.meta("double_quant").into())).or_default() +=
+            1;
+        errs.extend(match dtype.as_str() {
+            "float32" => check_quant4::<f32>(&case),
+            "float16" => check_quant4::<f16>(&case),
+            "bfloat16" => check_quant4::<bf16>(&case),
+            other => panic!("{}: dtype {other}", case.name),
+        });
+    }
+    // Every (quant type, dtype, double quant) combination is covered.
+    assert_eq!(seen.len(), 12, "{seen:?}");
+    assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));
+}
+
+#[test]
+fn int8_reference_cases() {
+    let paths = cases(INT8_DIR);
+    assert_eq!(paths.len(), 4, "expected the 4 int8 reference cases in {INT8_DIR}");
+    let mut errs = Vec::new();
+    for path in &paths {
+        let case = Case::load(path);
+        let name = &case.name;
+        let threshold: f32 = case.meta("threshold").parse().unwrap();
+        let shape: Vec<usize> = serde_json::from_str(case.meta("shape")).unwrap();
+        let [rows, cols] = shape[..] else { panic!("{name}: shape {shape:?}") };
+        let input: Vec<f16> = case.u16s("input", Dtype::F16).into_iter().map(f16::from_bits).collect();
+        let q = int8_vectorwise_quant(&input, rows, cols, threshold).unwrap();
+        assert_eq!((q.rows, q.cols), (rows, cols));
+        if q.cb != case.i8s("cb") {
+            errs.push(format!("{name}: cb differs"));
+        }
+        if bits(&q.scb) != case.f32_bits("scb") {
+            errs.push(format!("{name}: scb differs: {:?} vs {:?}", q.scb, case.f32s("scb")));
+        }
+        let expected: Vec<usize> = if case.has("outlier_cols") {
+            case.i64s("outlier_cols").into_iter().map(|c| usize::try_from(c).unwrap()).collect()
+        } else {
+            Vec::new()
+        };
+        let got = q.outlier_cols.clone().unwrap_or_default();
+        if got != expected {
+            errs.push(format!("{name}: outlier_cols {got:?} != {expected:?}"));
+        }
+        // No threshold means no outlier list at all; a threshold always yields one.
+        if (threshold > 0.0) != q.outlier_cols.is_some() {
+            errs.push(format!("{name}: outlier_cols presence {:?} for threshold {threshold}", q.outlier_cols));
+        }
+    }
+    assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));
+}

@@ -1,0 +1,289 @@
+//! [`Model`]: a loaded, placed, ready-to-run model with its tokenizer.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use nibble_core::{Error, Result};
+use nibble_llama::{KvCache, Llama, Placement};
+use nibble_load::{ChatMessage, GenerationConfig, LlamaConfig, ModelFiles, TextTokenizer, Weights};
+use nibble_quant::BitsAndBytesConfig;
+
+use crate::generate::{GenerateOptions, Generation, StopReason};
+use crate::provider::CheckpointProvider;
+use crate::{cuda_device_count, device_for, LoadOptions};
+
+/// A loaded model.
+#[derive(Debug)]
+pub struct Model {
+    llama: Llama,
+    tokenizer: Option<TextTokenizer>,
+    generation: GenerationConfig,
+    eos_ids: Vec<u32>,
+    quant: BitsAndBytesConfig,
+    files: ModelFiles,
+}
+
+/// The quantization actually applied: a pre-quantized checkpoint's own config wins over the
+/// caller's (its weights cannot be re-quantized), but the caller's compute dtype is kept when the
+/// caller asked for quantization.
+fn effective_quant(cfg: &LlamaConfig, requested: &BitsAndBytesConfig) -> Result<BitsAndBytesConfig> {
+    let Some(q) = &cfg.quantization_config else {
+        return Ok(requested.clone());
+    };
+    let mut stored = BitsAndBytesConfig::from_json(q)?;
+    if requested.is_quantized() {
+        if requested.method() != stored.method() {
+            tracing::warn!(
+                "{} is pre-quantized as {:?}; ignoring the requested {:?}",
+                cfg.path.display(),
+                stored.method(),
+                requested.method()
+            );
+        }
+        stored.bnb_4bit_compute_dtype = requested.bnb_4bit_compute_dtype;
+    }
+    Ok(stored)
+}
+
+fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    // indicatif draws to stderr only when it is a terminal.
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} quantizing [{bar:30}] {pos}/{len} {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+impl Model {
+    /// Loads a model; see [`crate::from_pretrained`].
+    pub fn load(id: &str, opts: &LoadOptions) -> Result<Self> {
+        let started = Instant::now();
+        opts.quant.validate()?;
+        let path = Path::new(id);
+        if !path.exists() {
+            return Err(Error::InvalidSource {
+                source_name: id.to_string(),
+                reason: "no such folder; pass a local folder in Hugging Face layout (config.json, \
+                         model.safetensors, tokenizer.json)"
+                    .into(),
+            });
+        }
+        let files = ModelFiles::from_dir(path)?;
+        let cfg = LlamaConfig::from_file(&files.config)?;
+        let quant = effective_quant(&cfg, &opts.quant)?;
+        let compute = quant.bnb_4bit_compute_dtype.dtype();
+
+        let plan = opts.device_map.resolve(cfg.num_hidden_layers, cuda_device_count())?;
+        let placement = Placement {
+            embed: device_for(plan.embed)?,
+            layers: plan.layers.iter().map(|d| device_for(*d)).collect::<Result<_>>()?,
+            head: device_for(plan.head)?,
+        };
+
+        let tokenizer = match &files.tokenizer {
+            Some(t) => Some(TextTokenizer::from_files(
+                t,
+                files.tokenizer_config.as_deref(),
+                files.chat_template.as_deref(),
+            )?),
+            None => None,
+        };
+        let generation = match &files.generation_config {
+            Some(p) => GenerationConfig::from_file(p)?,
+            None => GenerationConfig::default(),
+        };
+        let mut eos_ids = if generation.eos_token_ids.is_empty() {
+            cfg.eos_token_ids.clone()
+        } else {
+            generation.eos_token_ids.clone()
+        };
+        eos_ids.dedup();
+
+        let weights = Weights::open(&files.weights)?;
+        let linears = 7 * cfg.num_hidden_layers as u64 + 1;
+        let mut provider = CheckpointProvider {
+            weights: &weights,
+            quant: &quant,
+            compute,
+            progress: progress_bar(linears, opts.progress && quant.is_quantized()),
+        };
+        let llama = Llama::load(&cfg, placement, compute, &mut provider)?;
+        provider.progress.finish_and_clear();
+        tracing::info!(
+            "loaded {} ({} layers, {:?}) in {:.2}s, {} weight bytes resident",
+            files.dir.display(),
+            cfg.num_hidden_layers,
+            quant.method(),
+            started.elapsed().as_secs_f64(),
+            llama.resident_weight_bytes()
+        );
+        Ok(Self { llama, tokenizer, generation, eos_ids, quant, files })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        self.llama.config()
+    }
+
+    /// The quantization applied.
+    pub fn quantization(&self) -> &BitsAndBytesConfig {
+        &self.quant
+    }
+
+    /// The files it was loaded from.
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    /// `generation_config.json` as read.
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    /// The ids that end generation.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The tokenizer, or an error when the folder has no tokenizer.json.
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::MissingFile {
+            path: self.files.dir.join("tokenizer.json"),
+            hint: "text in and out needs the model's tokenizer.json; token ids still work".into(),
+        })
+    }
+
+    /// Bytes of weights resident (embeddings, norms, quantized linears with their state).
+    pub fn resident_weight_bytes(&self) -> usize {
+        self.llama.resident_weight_bytes()
+    }
+
+    /// The underlying decoder (for saving and inspection).
+    pub fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    /// A fresh KV cache.
+    pub fn new_cache(&self) -> KvCache {
+        self.llama.new_cache()
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) for `input_ids` (`[batch, seq]`, u32) at positions
+    /// `offset..`, extending `cache`.
+    pub fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut KvCache) -> Result<Tensor> {
+        self.llama.forward(input_ids, offset, cache, false)
+    }
+
+    /// Logits `[seq, vocab]` (f32) of one sequence, from a fresh cache.
+    pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
+        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let mut cache = self.new_cache();
+        Ok(self.llama.forward(&input, 0, &mut cache, false)?.squeeze(0)?)
+    }
+
+    /// Generates from token ids, calling `on_text` with each new piece of text as it forms.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        opts.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::invalid_argument("prompt", "needs at least one token"));
+        }
+        let mut processor = opts.logits_processor();
+        let mut cache = self.new_cache();
+        let mut context: Vec<u32> = prompt.to_vec();
+        let mut tokens: Vec<u32> = Vec::new();
+        let mut shown = String::new();
+        let started = Instant::now();
+        let mut first_token_at = None;
+        let mut stop = StopReason::MaxTokens;
+        let mut input = prompt.to_vec();
+        while tokens.len() < opts.max_new_tokens {
+            let ids = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let logits = self.llama.forward(&ids, cache.len(), &mut cache, true)?.flatten_all()?;
+            let logits = if opts.repetition_penalty != 1.0 {
+                candle_transformers::utils::apply_repeat_penalty(&logits, opts.repetition_penalty, &context)?
+            } else {
+                logits
+            };
+            let next = processor.sample(&logits)?;
+            first_token_at.get_or_insert_with(Instant::now);
+            tokens.push(next);
+            context.push(next);
+            if opts.stop_at_eos && self.eos_ids.contains(&next) {
+                stop = StopReason::Eos(next);
+                break;
+            }
+            if let Some(tok) = &self.tokenizer {
+                let text = tok.decode(&tokens, true)?;
+                // Hold back a piece that ends inside a multi-byte character.
+                if text.len() > shown.len() && !text.ends_with('\u{fffd}') && text.starts_with(shown.as_str()) {
+                    on_text(&text[shown.len()..]);
+                    shown = text;
+                }
+            }
+            input = vec![next];
+        }
+        let first = first_token_at.unwrap_or_else(Instant::now);
+        let text = match &self.tokenizer {
+            Some(tok) => tok.decode(&tokens, true)?,
+            None => String::new(),
+        };
+        if text.len() > shown.len() && text.starts_with(shown.as_str()) {
+            on_text(&text[shown.len()..]);
+        }
+        Ok(Generation {
+            prompt_tokens: prompt.len(),
+            tokens,
+            text,
+            stop,
+            prefill_secs: first.duration_since(started).as_secs_f64(),
+            decode_secs: first.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Generates a continuation of `prompt` (tokenized with special tokens, as transformers does).
+    pub fn generate_text(&self, prompt: &str, opts: &GenerateOptions, on_text: impl FnMut(&str)) -> Result<Generation> {
+        let ids = self.tokenizer()?.encode(prompt, true)?;
+        self.generate(&ids, opts, on_text)
+    }
+
+    /// Answers the conversation `messages` with the model's chat template.
+    pub fn chat(&self, messages: &[ChatMessage], opts: &GenerateOptions, on_text: impl FnMut(&str)) -> Result<Generation> {
+        let ids = self.tokenizer()?.apply_chat_template(messages, true)?;
+        self.generate(&ids, opts, on_text)
+    }
+
+    /// Perplexity over the first `max_tokens` tokens of `text` (special tokens added):
+    /// exp of the mean next-token negative log-likelihood, as transformers'
+    /// `exp(model(ids, labels=ids).loss)`.
+    pub fn perplexity(&self, text: &str, max_tokens: usize) -> Result<f64> {
+        let mut ids = self.tokenizer()?.encode(text, true)?;
+        ids.truncate(max_tokens);
+        self.perplexity_of_ids(&ids)
+    }
+
+    /// Perplexity of a token sequence (at least two tokens).
+    pub fn perplexity_of_ids(&self, ids: &[u32]) -> Result<f64> {
+        if ids.len() < 2 {
+            return Err(Error::invalid_argument("text", "perplexity needs at least two tokens"));
+        }
+        let logits = self.logits(ids)?;
+        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, 1)?;
+        let rows = logp.to_vec2::<f32>()?;
+        let nll: f64 = rows
+            .iter()
+            .zip(ids.iter().skip(1))
+            .map(|(row, &next)| -f64::from(row.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY)))
+            .sum();
+        Ok((nll / (ids.len() - 1) as f64).exp())
+    }
+}

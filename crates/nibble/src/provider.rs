@@ -1,0 +1,72 @@
+//! Builds each layer from the checkpoint as the model asks for it: the streaming
+//! quantize-on-load step. A weight is read from the memory map, quantized (or kept dense), and its
+//! full-precision copy dropped before the next one is read.
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::ProgressBar;
+use nibble_core::Result;
+use nibble_llama::WeightProvider;
+use nibble_load::Weights;
+use nibble_quant::{BitsAndBytesConfig, DenseLinear, Linear4bit, Linear8bit, QuantLinear, QuantMethod};
+
+use crate::prequant::{self, Stored};
+
+/// Supplies layers from a checkpoint, quantizing per `quant`.
+pub(crate) struct CheckpointProvider<'a> {
+    pub weights: &'a Weights,
+    pub quant: &'a BitsAndBytesConfig,
+    pub compute: DType,
+    pub progress: ProgressBar,
+}
+
+impl WeightProvider for CheckpointProvider<'_> {
+    fn linear(
+        &mut self,
+        name: &str,
+        weight_name: &str,
+        out_features: usize,
+        in_features: usize,
+        device: &Device,
+    ) -> Result<Box<dyn QuantLinear>> {
+        self.progress.set_message(name.to_string());
+        let shape = (out_features, in_features);
+        let layer: Box<dyn QuantLinear> = match prequant::detect(self.weights, weight_name) {
+            Stored::FourBit(state, qt) => {
+                prequant::load_4bit(self.weights, weight_name, &state, qt, shape, self.compute, device)?
+            }
+            Stored::Int8 => prequant::load_int8(
+                self.weights,
+                weight_name,
+                shape,
+                self.quant.llm_int8_threshold,
+                self.compute,
+                device,
+            )?,
+            Stored::Dense => {
+                // Quantization runs on the host; only the result moves to the device.
+                let w = self.weights.tensor_shaped(weight_name, &[out_features, in_features], &Device::Cpu)?;
+                let method = if self.quant.skips(name) { QuantMethod::None } else { self.quant.method() };
+                match method {
+                    QuantMethod::None => Box::new(DenseLinear::new(w.to_dtype(self.compute)?.to_device(device)?, None)?),
+                    QuantMethod::FourBit(qt) => Box::new(Linear4bit::quantize(
+                        &w,
+                        qt,
+                        self.quant.bnb_4bit_blocksize,
+                        self.quant.bnb_4bit_use_double_quant,
+                        self.compute,
+                        device,
+                    )?),
+                    QuantMethod::Int8 => {
+                        Box::new(Linear8bit::quantize(&w, self.quant.llm_int8_threshold, self.compute, device)?)
+                    }
+                }
+            }
+        };
+        self.progress.inc(1);
+        Ok(layer)
+    }
+
+    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(self.weights.tensor_shaped(name, shape, device)?.to_dtype(self.compute)?)
+    }
+}

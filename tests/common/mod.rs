@@ -1,0 +1,50 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The tiny random Llama (HF layout) that the reference logits were computed on.
+pub fn tiny_model() -> String {
+    root().join("models/tiny-llama").display().to_string()
+}
+
+/// A fixture path.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+/// Reads one tensor of `tests/fixtures/logits.safetensors`.
+pub fn reference(name: &str) -> Tensor {
+    let all = candle_core::safetensors::load(fixture("logits.safetensors"), &Device::Cpu).unwrap();
+    all.get(name).unwrap_or_else(|| panic!("no {name} in logits.safetensors")).clone()
+}
+
+/// The reference prompt ids.
+pub fn reference_ids() -> Vec<u32> {
+    reference("input_ids").flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&i| i as u32).collect()
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Copies a folder (flat) into a new temp dir, for tests that damage a model.
+pub fn copy_model(src: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}

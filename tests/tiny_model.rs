@@ -1,0 +1,79 @@
+//! End-to-end on the tiny random Llama: logits, generation and perplexity against the figures
+//! transformers + bitsandbytes produced (tests/fixtures, copied from the shared reference).
+
+mod common;
+
+use common::*;
+use nibble::{BitsAndBytesConfig, DeviceMap, GenerateOptions};
+
+fn logits_for(quant: BitsAndBytesConfig) -> candle_core::Tensor {
+    let model = nibble::from_pretrained(&tiny_model(), quant, DeviceMap::Auto).unwrap();
+    model.logits(&reference_ids()).unwrap()
+}
+
+#[test]
+fn unquantized_logits_match_transformers() {
+    let d = max_abs_diff(&logits_for(BitsAndBytesConfig::none()), &reference("logits_f32"));
+    assert!(d < 1e-4, "max abs diff {d} >= 1e-4");
+}
+
+#[test]
+fn nf4_logits_match_bitsandbytes() {
+    let d = max_abs_diff(&logits_for(BitsAndBytesConfig::nf4()), &reference("logits_nf4"));
+    assert!(d < 2e-3, "max abs diff {d} >= 2e-3");
+}
+
+#[test]
+fn nf4_double_quant_logits_match_bitsandbytes() {
+    let d = max_abs_diff(&logits_for(BitsAndBytesConfig::nf4().with_double_quant(true)), &reference("logits_nf4_dq"));
+    assert!(d < 2e-3, "max abs diff {d} >= 2e-3");
+}
+
+#[test]
+fn fp4_logits_match_bitsandbytes() {
+    let d = max_abs_diff(&logits_for(BitsAndBytesConfig::fp4()), &reference("logits_fp4"));
+    assert!(d < 2e-3, "max abs diff {d} >= 2e-3");
+}
+
+#[test]
+fn prequantized_checkpoint_loads_without_requantizing() {
+    let dir = fixture("tiny-llama-bnb-nf4").display().to_string();
+    let model = nibble::from_pretrained(&dir, BitsAndBytesConfig::none(), DeviceMap::Auto).unwrap();
+    assert_eq!(model.quantization(), &BitsAndBytesConfig::nf4().with_double_quant(true));
+    let d = max_abs_diff(&model.logits(&reference_ids()).unwrap(), &reference("logits_nf4_dq"));
+    assert!(d < 2e-3, "max abs diff {d} >= 2e-3");
+}
+
+#[test]
+fn greedy_generation_reproduces_transformers() {
+    let model = nibble::from_pretrained(&tiny_model(), BitsAndBytesConfig::none(), DeviceMap::Auto).unwrap();
+    let expected: Vec<u32> =
+        reference("greedy_f32").flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&i| i as u32).collect();
+    let prompt = reference_ids();
+    let new = expected.len() - prompt.len();
+    let mut opts = GenerateOptions::greedy(new);
+    opts.stop_at_eos = false;
+    let mut streamed = String::new();
+    let out = model.generate(&prompt, &opts, |s| streamed.push_str(s)).unwrap();
+    let mut got = prompt.clone();
+    got.extend(&out.tokens);
+    assert_eq!(got, expected);
+    assert_eq!(streamed, out.text);
+}
+
+#[test]
+fn sampling_is_seeded_and_chat_template_renders() {
+    let model = nibble::from_pretrained(&tiny_model(), BitsAndBytesConfig::nf4(), DeviceMap::Auto).unwrap();
+    let mut opts = GenerateOptions::sampled(8, 0.8, 7);
+    opts.top_k = Some(40);
+    opts.top_p = Some(0.9);
+    opts.repetition_penalty = 1.1;
+    let msgs = [nibble::ChatMessage::new("user", "hi")];
+    let a = model.chat(&msgs, &opts, |_| {}).unwrap();
+    let b = model.chat(&msgs, &opts, |_| {}).unwrap();
+    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+    assert!(!a.tokens.is_empty());
+    let ids = model.tokenizer().unwrap().apply_chat_template(&msgs, true).unwrap();
+    let text = model.tokenizer().unwrap().decode(&ids, false).unwrap();
+    assert!(text.starts_with("<|begin_of_text|><|start|>user\nhi<|eot_id|><|start|>assistant\n"), "{text:?}");
+}
