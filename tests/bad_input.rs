@@ -1,0 +1,172 @@
+//! Bad input gives a distinct, typed `nibble::Error` naming the file and tensor, never a panic.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use nibble::{BitsAndBytesConfig, DeviceMap, Error};
+
+fn load(dir: &std::path::Path) -> Result<nibble::Model, Error> {
+    nibble::from_pretrained(dir.to_str().unwrap(), BitsAndBytesConfig::nf4(), DeviceMap::Auto)
+}
+
+/// Rewrites `model.safetensors` of `dir` after `edit` changes its tensors.
+fn edit_weights(dir: &std::path::Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+#[test]
+fn folder_without_config() {
+    let dir = copy_model(&tiny_model());
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    match load(dir.path()) {
+        Err(Error::MissingFile { path, .. }) => assert!(path.ends_with("config.json")),
+        other => panic!("expected MissingFile, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_folder() {
+    assert!(matches!(
+        nibble::from_pretrained("/definitely/not/here", BitsAndBytesConfig::nf4(), DeviceMap::Auto),
+        Err(Error::InvalidSource { .. })
+    ));
+}
+
+#[test]
+fn unsupported_architecture() {
+    let dir = copy_model(&tiny_model());
+    let p = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let text = text.replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"");
+    std::fs::write(&p, text).unwrap();
+    match load(dir.path()) {
+        Err(Error::UnsupportedArchitecture { path, architecture }) => {
+            assert!(path.ends_with("config.json"));
+            assert_eq!(architecture, "GPT2LMHeadModel");
+        }
+        other => panic!("expected UnsupportedArchitecture, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = copy_model(&tiny_model());
+    edit_weights(dir.path(), |t| {
+        t.remove("model.layers.1.mlp.up_proj.weight");
+    });
+    match load(dir.path()) {
+        Err(Error::MissingTensor { path, tensor }) => {
+            assert_eq!(tensor, "model.layers.1.mlp.up_proj.weight");
+            assert!(path.ends_with("model.safetensors"));
+        }
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_shape() {
+    let dir = copy_model(&tiny_model());
+    edit_weights(dir.path(), |t| {
+        t.insert("model.norm.weight".into(), Tensor::zeros(100, candle_core::DType::F32, &Device::Cpu).unwrap());
+    });
+    match load(dir.path()) {
+        Err(Error::ShapeMismatch { tensor, expected, found, path }) => {
+            assert_eq!(tensor, "model.norm.weight");
+            assert_eq!(expected, vec![128]);
+            assert_eq!(found, vec![100]);
+            assert!(path.ends_with("model.safetensors"));
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = copy_model(&tiny_model());
+    let p = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(load(dir.path()), Err(Error::CorruptCheckpoint { .. })));
+    std::fs::write(&p, &bytes[..4]).unwrap();
+    assert!(matches!(load(dir.path()), Err(Error::CorruptCheckpoint { .. })));
+}
+
+#[test]
+fn unsupported_rope_scaling() {
+    let dir = copy_model(&tiny_model());
+    let p = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&p).unwrap().replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+    std::fs::write(&p, text).unwrap();
+    assert!(matches!(load(dir.path()), Err(Error::UnsupportedConfig { .. })));
+}
+
+fn bnb_copy() -> tempfile::TempDir {
+    copy_model(&fixture("tiny-llama-bnb-nf4").display().to_string())
+}
+
+const Q: &str = "model.layers.0.self_attn.q_proj.weight";
+
+#[test]
+fn prequantized_missing_absmax() {
+    let dir = bnb_copy();
+    edit_weights(dir.path(), |t| {
+        t.remove(&format!("{Q}.absmax"));
+    });
+    match load(dir.path()) {
+        Err(Error::MissingTensor { tensor, .. }) => assert_eq!(tensor, format!("{Q}.absmax")),
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+}
+
+#[test]
+fn prequantized_bad_quant_state() {
+    let state = format!("{Q}.quant_state.bitsandbytes__nf4");
+    let dir = bnb_copy();
+    edit_weights(dir.path(), |t| {
+        t.insert(state.clone(), Tensor::new(b"{not json".as_slice(), &Device::Cpu).unwrap());
+    });
+    match load(dir.path()) {
+        Err(Error::QuantState { tensor, .. }) => assert_eq!(tensor, state),
+        other => panic!("expected QuantState, got {other:?}"),
+    }
+    let dir = bnb_copy();
+    edit_weights(dir.path(), |t| {
+        let json = br#"{"quant_type": "int3", "blocksize": 64, "dtype": "float32", "shape": [128, 128]}"#;
+        t.insert(state.clone(), Tensor::new(json.as_slice(), &Device::Cpu).unwrap());
+    });
+    match load(dir.path()) {
+        Err(Error::QuantState { tensor, reason }) => {
+            assert_eq!(tensor, state);
+            assert!(reason.contains("int3"), "{reason}");
+        }
+        other => panic!("expected QuantState, got {other:?}"),
+    }
+}
+
+#[test]
+fn prequantized_wrong_byte_count() {
+    let dir = bnb_copy();
+    edit_weights(dir.path(), |t| {
+        t.insert(Q.into(), Tensor::zeros((8000, 1), candle_core::DType::U8, &Device::Cpu).unwrap());
+    });
+    match load(dir.path()) {
+        Err(Error::QuantState { tensor, .. }) => assert_eq!(tensor, Q),
+        other => panic!("expected QuantState, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_token_ids_and_options() {
+    let model = nibble::from_pretrained(&tiny_model(), BitsAndBytesConfig::none(), DeviceMap::Auto).unwrap();
+    assert!(matches!(model.logits(&[1, 9999]), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(model.generate(&[], &nibble::GenerateOptions::greedy(2), |_| {}), Err(Error::InvalidArgument { .. })));
+    let mut bad = nibble::GenerateOptions::greedy(2);
+    bad.top_p = Some(1.5);
+    assert!(matches!(model.generate(&[1], &bad, |_| {}), Err(Error::InvalidArgument { .. })));
+}
