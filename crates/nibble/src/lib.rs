@@ -21,6 +21,7 @@ mod generate;
 mod model;
 mod prequant;
 mod provider;
+mod save;
 
 use candle_core::Device;
 
