@@ -22,11 +22,13 @@ mod model;
 mod prequant;
 mod provider;
 mod save;
+mod source;
 
 use candle_core::Device;
 
 pub use generate::{GenerateOptions, Generation, StopReason};
 pub use model::Model;
+pub use source::Source;
 pub use nibble_core::{Error, Result};
 pub use nibble_llama::{KvCache, Placement};
 pub use nibble_load::{ChatMessage, GenerationConfig, LlamaConfig, ModelFiles, RopeScaling};

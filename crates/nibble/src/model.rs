@@ -1,6 +1,5 @@
 //! [`Model`]: a loaded, placed, ready-to-run model with its tokenizer.
 
-use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -12,6 +11,7 @@ use nibble_quant::BitsAndBytesConfig;
 
 use crate::generate::{GenerateOptions, Generation, StopReason};
 use crate::provider::CheckpointProvider;
+use crate::source::{self, Source};
 use crate::{cuda_device_count, device_for, LoadOptions};
 
 /// A loaded model.
@@ -64,16 +64,17 @@ impl Model {
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Self> {
         let started = Instant::now();
         opts.quant.validate()?;
-        let path = Path::new(id);
-        if !path.exists() {
-            return Err(Error::InvalidSource {
-                source_name: id.to_string(),
-                reason: "no such folder; pass a local folder in Hugging Face layout (config.json, \
-                         model.safetensors, tokenizer.json)"
-                    .into(),
-            });
+        match source::resolve(id)? {
+            Source::Folder(files) => Self::load_folder(files, opts, started),
+            Source::Gguf(path) => Err(Error::InvalidSource {
+                source_name: path.display().to_string(),
+                reason: "GGUF files are not supported yet; import it to a Hugging Face folder first".into(),
+            }),
         }
-        let files = ModelFiles::from_dir(path)?;
+    }
+
+    /// Loads a Hugging Face folder.
+    fn load_folder(files: ModelFiles, opts: &LoadOptions, started: Instant) -> Result<Self> {
         let cfg = LlamaConfig::from_file(&files.config)?;
         let quant = effective_quant(&cfg, &opts.quant)?;
         let compute = quant.bnb_4bit_compute_dtype.dtype();
