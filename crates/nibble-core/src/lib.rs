@@ -84,6 +84,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A GGUF file is not GGUF, is truncated, or is inconsistent with itself.
+    #[error("{path}: unusable GGUF file: {reason}")]
+    CorruptGguf {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The checkpoint lacks a tensor the model needs.
     #[error("tensor `{tensor}` is missing from {path}")]
     MissingTensor {
@@ -178,12 +187,190 @@ pub enum Error {
         reason: String,
     },
 
+    /// The model does not fit: found by the planner before loading, or raised by the device at
+    /// run time.
+    #[error("out of memory on {device}: needs {needed} bytes, {available} available{}", if hint.is_empty() { String::new() } else { format!("; {hint}") })]
+    OutOfMemory {
+        /// The device that ran out (`cuda:0`, `cpu`).
+        device: String,
+        /// Bytes needed there (0 when unknown, at run time).
+        needed: u64,
+        /// Bytes available there (0 when unknown, at run time).
+        available: u64,
+        /// What would make it fit, computed from the numbers.
+        hint: String,
+        /// The largest context length that fits with everything else unchanged, when one does.
+        max_seq_len_that_fits: Option<usize>,
+        /// Whether the planner predicted it or the device raised it.
+        phase: OomPhase,
+    },
+
+    /// A GPU's compute capability is below what the kernels or the compute dtype need.
+    #[error("{device} has compute capability {found}, {required} is needed for {hint}")]
+    CapabilityMismatch {
+        /// The device.
+        device: String,
+        /// Its compute capability.
+        found: String,
+        /// The capability needed.
+        required: String,
+        /// What needs it, and what to do.
+        hint: String,
+    },
+
+    /// The CUDA driver is older than the CUDA version nibble was built for.
+    #[error("the CUDA driver supports CUDA {found}, nibble needs {required}: update the NVIDIA driver")]
+    DriverTooOld {
+        /// CUDA version the driver supports.
+        found: String,
+        /// CUDA version needed.
+        required: String,
+    },
+
     /// A tensor operation failed at run time.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+
+    /// The Hugging Face Hub has no repository with this id, or it is private and the request had
+    /// no token with access to it (the Hub answers both the same way, so as not to reveal private
+    /// repositories).
+    #[error(
+        "repository {repo} not found on {endpoint}: check the id (org/name); \
+         if it is private, set HF_TOKEN to a token with read access to it"
+    )]
+    HubRepoNotFound {
+        /// The repository id (`org/name`).
+        repo: String,
+        /// The Hub endpoint asked (`HF_ENDPOINT`).
+        endpoint: String,
+    },
+
+    /// The Hub refused access (HTTP 401 or 403): the repository is gated or private.
+    #[error(
+        "access to {repo} (file {file}) was refused (HTTP {status}): the repository is gated or private; \
+         accept its license on its Hub page while logged in, then set HF_TOKEN to a read token of that \
+         account (or log in with `hf auth login`, which writes the cached token file)"
+    )]
+    HubUnauthorized {
+        /// The repository id.
+        repo: String,
+        /// The file being fetched.
+        file: String,
+        /// The HTTP status (401 or 403).
+        status: u16,
+    },
+
+    /// The repository has no branch, tag or commit by this name.
+    #[error("revision {revision:?} not found in {repo}: check the branch, tag or commit hash")]
+    HubRevisionNotFound {
+        /// The repository id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+    },
+
+    /// A file the model needs is not in the repository at this revision.
+    #[error("{file} not found in {repo} at revision {revision}: {hint}")]
+    HubFileNotFound {
+        /// The repository id.
+        repo: String,
+        /// The revision (as asked, or the commit it resolved to).
+        revision: String,
+        /// The file, relative to the repository root.
+        file: String,
+        /// Why it is needed and what to do.
+        hint: String,
+    },
+
+    /// Offline mode (`HF_HUB_OFFLINE=1`) and the cache lacks files the model needs.
+    #[error(
+        "offline mode (HF_HUB_OFFLINE=1) and {repo} at revision {revision} is not fully cached in {}: \
+         missing {}; run once online (unset HF_HUB_OFFLINE) to download them",
+        cache.display(), missing.join(", ")
+    )]
+    HubOfflineNotCached {
+        /// The repository id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// The cache folder searched (`models--org--name` in the hub cache).
+        cache: PathBuf,
+        /// What is missing, relative to the snapshot (or `refs/<revision>`).
+        missing: Vec<String>,
+    },
+
+    /// The Hub could not be reached, or kept failing, after the bounded retries.
+    #[error(
+        "network error fetching {file} from {repo} after {attempts} attempt(s): {reason}; \
+         check the connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only"
+    )]
+    HubNetwork {
+        /// The repository id.
+        repo: String,
+        /// The file being fetched.
+        file: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last failure.
+        reason: String,
+    },
+
+    /// The Hub (or whatever `HF_ENDPOINT` points at) answered something that is not the Hub protocol:
+    /// a missing `X-Repo-Commit`, an unsafe ETag, a size that does not match.
+    #[error("unexpected answer from {endpoint} for {file} of {repo}: {reason}")]
+    HubProtocol {
+        /// The repository id.
+        repo: String,
+        /// The file being fetched.
+        file: String,
+        /// The endpoint asked.
+        endpoint: String,
+        /// What was wrong with the answer.
+        reason: String,
+    },
+
+    /// The model has only pickle weights (`pytorch_model.bin`), which nibble refuses to load.
+    #[error(
+        "{source_name} has only pickle weights ({file}); nibble loads safetensors only, for safety \
+         (unpickling can run arbitrary code): use a revision or repository with model.safetensors, or \
+         convert it with transformers' save_pretrained(safe_serialization=True)"
+    )]
+    PickleOnly {
+        /// The repository id or folder.
+        source_name: String,
+        /// The pickle file found.
+        file: String,
+    },
+}
+
+/// When an out-of-memory condition was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OomPhase {
+    /// By the planner, before loading.
+    Planned,
+    /// By the device, while running.
+    RunTime,
 }
 
 impl Error {
+    /// Maps a candle error raised on `device` to [`Error::OutOfMemory`] when it is the device running
+    /// out of memory, and to [`Error::Candle`] otherwise.
+    pub fn from_device(device: impl std::fmt::Display, e: candle_core::Error) -> Self {
+        let msg = e.to_string();
+        if msg.contains("OUT_OF_MEMORY") || msg.to_ascii_lowercase().contains("out of memory") {
+            Error::OutOfMemory {
+                device: device.to_string(),
+                needed: 0,
+                available: 0,
+                hint: format!("raised at run time ({msg}); plan with a shorter max_seq_len or more devices"),
+                max_seq_len_that_fits: None,
+                phase: OomPhase::RunTime,
+            }
+        } else {
+            Error::Candle(e)
+        }
+    }
+
     /// Builds an [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
