@@ -266,8 +266,13 @@ impl Llama {
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let mask = causal_mask(t, offset)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = x.to_device(&layer.device)?;
-            x = self.layer_forward(layer, &x, offset, slot, mask.as_ref())?;
+            // A device running out of memory mid-forward is reported as such, with the device named.
+            let on_device = |e: Error| match e {
+                Error::Candle(c) => Error::from_device(device_name(&layer.device), c),
+                other => other,
+            };
+            x = x.to_device(&layer.device).map_err(|e| on_device(e.into()))?;
+            x = self.layer_forward(layer, &x, offset, slot, mask.as_ref()).map_err(on_device)?;
         }
         let x = x.to_device(&self.placement.head)?;
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
@@ -328,6 +333,15 @@ impl Llama {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         a.o.forward(&out)
+    }
+}
+
+/// `cpu`, `cuda:N`, `metal:N`: the spelling device maps use.
+fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 
