@@ -51,14 +51,9 @@ impl From<DtypeArg> for ComputeDtype {
     }
 }
 
-/// Flags shared by every command that loads a model.
+/// The quantization flags (shared by the commands that load a model and by `plan`).
 #[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
-    /// Model folder (Hugging Face layout), file or hub id [default: models/smollm2-135m-instruct
-    /// if present, else the tiny random test model models/tiny-llama]
-    #[arg(long, value_name = "PATH|ID")]
-    pub model: Option<String>,
-
+pub struct QuantArgs {
     /// Quantization applied on load.
     #[arg(long, value_enum, default_value_t = Quant::Nf4)]
     pub quant: Quant,
@@ -70,6 +65,32 @@ pub struct ModelArgs {
     /// Dtype the quantized layers compute in.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub compute_dtype: DtypeArg,
+}
+
+impl QuantArgs {
+    /// The quantization config the flags select.
+    pub fn config(&self) -> BitsAndBytesConfig {
+        let base = match self.quant {
+            Quant::Nf4 => BitsAndBytesConfig::nf4(),
+            Quant::Fp4 => BitsAndBytesConfig::fp4(),
+            Quant::Int8 => BitsAndBytesConfig::int8(),
+            Quant::None => BitsAndBytesConfig::none(),
+        };
+        base.with_double_quant(self.double_quant).with_compute_dtype(self.compute_dtype.into())
+    }
+}
+
+/// Flags shared by every command that loads a model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model folder (Hugging Face layout), file or hub id [default: models/smollm2-135m-instruct
+    /// if present, else the tiny random test model models/tiny-llama]
+    #[arg(long, value_name = "PATH|ID")]
+    pub model: Option<String>,
+
+    /// Quantization applied on load.
+    #[command(flatten)]
+    pub quant: QuantArgs,
 
     /// Where modules go: auto, balanced, balanced_low_0, sequential, cpu, cuda:N, or
     /// `module=device,...`.
@@ -81,7 +102,7 @@ pub struct ModelArgs {
     pub max_tokens: usize,
 
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     pub temperature: f64,
 
     /// Sample only from the k most likely tokens.
@@ -89,7 +110,7 @@ pub struct ModelArgs {
     pub top_k: Option<usize>,
 
     /// Sample only from the smallest set of tokens whose probability reaches p.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
 
     /// Sampling seed.
@@ -97,7 +118,7 @@ pub struct ModelArgs {
     pub seed: u64,
 
     /// Penalty on tokens already in the context; 1 = off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
 }
 
@@ -151,18 +172,12 @@ impl ModelArgs {
 
     /// The quantization config the flags select.
     pub fn quant_config(&self) -> BitsAndBytesConfig {
-        let base = match self.quant {
-            Quant::Nf4 => BitsAndBytesConfig::nf4(),
-            Quant::Fp4 => BitsAndBytesConfig::fp4(),
-            Quant::Int8 => BitsAndBytesConfig::int8(),
-            Quant::None => BitsAndBytesConfig::none(),
-        };
-        base.with_double_quant(self.double_quant).with_compute_dtype(self.compute_dtype.into())
+        self.quant.config()
     }
 
     /// Load options, with the quantization progress bar on.
     pub fn load_options(&self) -> LoadOptions {
-        LoadOptions { quant: self.quant_config(), device_map: self.device_map.clone(), progress: true }
+        LoadOptions { quant: self.quant_config(), device_map: self.device_map.clone(), progress: true, ..LoadOptions::default() }
     }
 
     /// Generation options, validated so that a bad flag fails before the (slow) load.
@@ -183,7 +198,7 @@ impl ModelArgs {
     /// Loads the model the flags describe.
     pub fn load(&self) -> nibble::Result<Model> {
         let source = self.model_source();
-        tracing::info!("loading {source} with {:?}", self.quant);
+        tracing::info!("loading {source} with {:?}", self.quant.quant);
         Model::load(&source, &self.load_options())
     }
 }

@@ -7,6 +7,7 @@ pub mod args;
 pub mod chat;
 pub mod commands;
 pub mod report;
+pub mod tools;
 
 pub use args::ModelArgs;
 pub use chat::ChatArgs;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use nibble::{Generation, Model};
+use nibble::{BitsAndBytesConfig, Generation, Model, QuantMethod, QuantType};
 use tracing_subscriber::EnvFilter;
 
 /// Sends `tracing` output to stderr, filtered by `RUST_LOG` (default `warn`).
@@ -16,6 +16,8 @@ pub fn init_tracing() {
 /// Generation statistics summed over one or more turns.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
+    /// Generations added (chat turns answered).
+    pub turns: usize,
     /// New tokens generated.
     pub tokens: usize,
     /// Tokens after the first of each turn: the ones `decode_secs` was spent on.
@@ -29,6 +31,7 @@ pub struct Stats {
 impl Stats {
     /// Adds one generation.
     pub fn add(&mut self, g: &Generation) {
+        self.turns += 1;
         self.tokens += g.tokens.len();
         self.decode_tokens += g.tokens.len().saturating_sub(1);
         self.decode_secs += g.decode_secs;
@@ -48,10 +51,36 @@ impl Stats {
     /// Prints the statistics and the model's resident weight size to stderr.
     pub fn print(&self, model: &Model) {
         let bytes = model.resident_weight_bytes();
+        // A single turn is the common case (generate, one-shot chat): no need to say so.
+        if self.turns != 1 {
+            eprintln!("turns answered:   {}", self.turns);
+        }
         eprintln!("generated tokens: {}", self.tokens);
         eprintln!("decode speed:     {:.2} tokens/s", self.decode_tokens_per_sec());
         eprintln!("prefill:          {:.3} s", self.prefill_secs);
-        eprintln!("resident weights: {:.2} MiB ({bytes} bytes)", bytes as f64 / (1024.0 * 1024.0));
+        eprintln!(
+            "resident weights: {:.2} MiB ({bytes} bytes), {}",
+            bytes as f64 / (1024.0 * 1024.0),
+            quant_label(model.quantization())
+        );
+    }
+}
+
+/// The quantization actually applied, in the CLI's words (`nf4 + double quant, compute f32`):
+/// it can differ from `--quant` when the checkpoint is pre-quantized.
+pub fn quant_label(q: &BitsAndBytesConfig) -> String {
+    let compute = q.bnb_4bit_compute_dtype.as_hf_str();
+    match q.method() {
+        QuantMethod::None => format!("unquantized, compute {compute}"),
+        QuantMethod::Int8 => format!("int8, compute {compute}"),
+        QuantMethod::FourBit(t) => {
+            let name = match t {
+                QuantType::Nf4 => "nf4",
+                QuantType::Fp4 => "fp4",
+            };
+            let dq = if q.bnb_4bit_use_double_quant { " + double quant" } else { "" };
+            format!("{name}{dq}, compute {compute}")
+        }
     }
 }
 

@@ -6,15 +6,23 @@
 //!   and tensor.
 //! - [`tokenizer`]: the tokenizer, its special tokens and the chat template.
 //! - [`generation`]: `generation_config.json` (eos ids, sampling defaults).
+//! - [`hub`]: fetching a model from the Hugging Face Hub into the cache shared with Python.
+//! - [`gguf`]: a llama.cpp GGUF file: its config, its weights dequantized under Hugging Face names.
+//! - [`gguf_tokenizer`]: a GGUF file's vocabulary and merges rebuilt as a `tokenizer.json`.
 
 pub mod config;
 pub mod generation;
+pub mod hub;
+pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use generation::GenerationConfig;
+pub use gguf::GgufFile;
+pub use gguf_tokenizer::GgufTokenizer;
 pub use source::ModelFiles;
 pub use tokenizer::{ChatMessage, ChatTemplate, TextTokenizer};
 pub use weights::{RawTensor, Weights};

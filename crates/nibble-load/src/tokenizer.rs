@@ -143,6 +143,24 @@ impl TextTokenizer {
         })
     }
 
+    /// Wraps an in-memory tokenizer (one rebuilt from a GGUF file, say) with its special tokens and
+    /// chat template source; `path` is the file it came from, named in errors.
+    pub fn from_tokenizer(
+        inner: tokenizers::Tokenizer,
+        path: &Path,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        chat_template: Option<String>,
+    ) -> Result<Self> {
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+            bos_token,
+            eos_token,
+            chat_template: chat_template.map(ChatTemplate::new).transpose()?,
+        })
+    }
+
     /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds
     /// (a bos, for Llama).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

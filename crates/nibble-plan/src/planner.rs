@@ -268,7 +268,11 @@ fn sequential_counts(
 /// Plans the placement of `cfg`, quantized as `quant`, on `inv`. When it does not fit, the
 /// error carries a hint computed from the numbers.
 pub fn plan(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, inv: &Inventory) -> Result<Plan> {
-    plan_raw(cfg, quant, req, inv).map_err(|e| with_hint(e, cfg, quant, req, inv))
+    let p = plan_raw(cfg, quant, req, inv).map_err(|e| with_hint(e, cfg, quant, req, inv))?;
+    if p.offloaded_layers > 0 {
+        tracing::warn!("{} decoder layer(s) do not fit on the GPUs and run on the CPU (slow)", p.offloaded_layers);
+    }
+    Ok(p)
 }
 
 fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, inv: &Inventory) -> Result<Plan> {
@@ -331,9 +335,6 @@ fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
                             None => oom(&usage[0], ""),
                         })
                     } else {
-                        if left > 0 {
-                            tracing::warn!("{left} decoder layer(s) do not fit on the GPUs and run on the CPU (slow)");
-                        }
                         let head = if left > 0 { Some(DeviceSpec::Cpu) } else { None };
                         finish(layout(&order, &counts, embed, left, head), left)
                     }

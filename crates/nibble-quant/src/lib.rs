@@ -6,9 +6,12 @@
 //!   double quantization, and LLM.int8() vector-wise quantization, bit-exact with bitsandbytes.
 //! - [`linear`]: one [`QuantLinear`] trait for every linear layer (dense, 4-bit, 8-bit), so the
 //!   model never branches on the format.
+//! - [`kernels`]: the CPU kernels behind them: fused 4-bit and int8 matrix products and the
+//!   vectorized quantizers, with AVX2, NEON and portable versions chosen at run time.
 
 pub mod config;
 pub mod functional;
+pub mod kernels;
 pub mod linear;
 
 pub use config::{BitsAndBytesConfig, ComputeDtype, QuantMethod};

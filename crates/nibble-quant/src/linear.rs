@@ -7,6 +7,7 @@ use half::{bf16, f16};
 use nibble_core::{Error, Result};
 
 use crate::functional::{self, Element, Packed4bit, QuantType};
+use crate::kernels::{self, Matrix4bit, Precision, Rounding};
 
 /// A linear layer `y = x W^T (+ b)` whatever the weight's storage.
 pub trait QuantLinear: std::fmt::Debug + Send + Sync {
@@ -120,8 +121,10 @@ fn tensor_values<T: Element + candle_core::WithDType>(t: &Tensor) -> Result<Vec<
 
 /// A 4-bit (NF4/FP4) layer in the bitsandbytes format.
 ///
-/// As bitsandbytes does on CPU, the forward pass dequantizes the weight into the dtype it was
-/// quantized from, casts it to the compute dtype and multiplies.
+/// bitsandbytes' CPU forward pass dequantizes the weight into the dtype it was quantized from,
+/// casts it to the compute dtype and multiplies. On the CPU this layer computes the same weight
+/// values inside the fused [`kernels`] without materializing the weight; on other devices it
+/// dequantizes and lets candle multiply.
 #[derive(Debug)]
 pub struct Linear4bit {
     q: Packed4bit,
@@ -213,11 +216,51 @@ impl Linear4bit {
     }
 }
 
+impl Linear4bit {
+    /// The roundings bitsandbytes applies to each weight (`dequantize_4bit` into the weight
+    /// dtype, then `.to(compute_dtype)`), or `None` for a compute dtype the fused kernels do not
+    /// produce (then the layer dequantizes and lets candle multiply).
+    fn rounding(&self) -> Option<Rounding> {
+        Some(Rounding {
+            weight: Precision::from_dtype(self.weight_dtype)?,
+            compute: Precision::from_dtype(self.compute_dtype)?,
+        })
+    }
+
+    /// The CPU forward pass: the fused kernels read the packed weight directly. Activations are
+    /// cast to the compute dtype (as bnb does) and widened to f32 once; products accumulate in
+    /// f32 and the output is rounded once to the compute dtype.
+    fn forward_fused(&self, x: &Tensor, rounding: Rounding) -> Result<Tensor> {
+        let dims = x.dims();
+        let lead = &dims[..dims.len().saturating_sub(1)];
+        let rows: usize = lead.iter().product();
+        let xf: Vec<f32> = x.to_dtype(self.compute_dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let m = Matrix4bit::new(
+            &self.q.packed,
+            &self.absmax,
+            self.out_features,
+            self.in_features,
+            self.q.blocksize,
+            self.q.quant_type,
+            rounding,
+        )?;
+        let y = kernels::matmul_4bit(&m, &xf, rows)?;
+        let mut out_shape = lead.to_vec();
+        out_shape.push(self.out_features);
+        Ok(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(self.compute_dtype)?)
+    }
+}
+
 impl QuantLinear for Linear4bit {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.in_features)?;
-        let w = self.dequant()?.to_dtype(self.compute_dtype)?.to_device(&self.device)?;
-        matmul_t(x, &w)
+        match self.rounding() {
+            Some(r) if self.device.is_cpu() && x.device().is_cpu() => self.forward_fused(x, r),
+            _ => {
+                let w = self.dequant()?.to_dtype(self.compute_dtype)?.to_device(&self.device)?;
+                matmul_t(x, &w)
+            }
+        }
     }
     fn in_features(&self) -> usize {
         self.in_features
@@ -310,14 +353,13 @@ impl Linear8bit {
                 cols.iter().map(move |&c| f16::from_f32((f32::from(row[c]) * s) * functional::INV_127).to_f32())
             })
             .collect();
+        // Integer accumulation is exact, so the SIMD kernel's sums equal the scalar definition.
+        let acc_all = kernels::int8_matmul_i32(&qa.cb, rows, &self.cb, n_out, n_in)?;
         let mut out = vec![f16::ZERO; rows * n_out];
-        out.par_chunks_mut(n_out).enumerate().for_each(|(r, out_row)| {
-            let a = &qa.cb[r * n_in..(r + 1) * n_in];
+        out.par_chunks_mut(n_out).zip(acc_all.par_chunks(n_out)).enumerate().for_each(|(r, (out_row, acc_row))| {
             let sa = qa.scb[r];
             let xa = &x16[r * n_in..(r + 1) * n_in];
-            for (o, y) in out_row.iter_mut().enumerate() {
-                let w = &self.cb[o * n_in..(o + 1) * n_in];
-                let acc: i32 = a.iter().zip(w).map(|(&p, &q)| i32::from(p) * i32::from(q)).sum();
+            for (o, (y, &acc)) in out_row.iter_mut().zip(acc_row).enumerate() {
                 let main = f16::from_f32(acc as f32 * (sa * self.scb[o]) * INT8_MM_SCALE);
                 if cols.is_empty() {
                     *y = main;

@@ -18,6 +18,7 @@
 //! is a [`nibble::Error`](Error) variant a program can match on.
 
 mod generate;
+mod gguf;
 mod model;
 mod prequant;
 mod provider;
@@ -27,12 +28,14 @@ mod source;
 use candle_core::Device;
 
 pub use generate::{GenerateOptions, Generation, StopReason};
+pub use gguf::import_gguf;
 pub use model::Model;
 pub use source::Source;
 pub use nibble_core::{Error, Result};
 pub use nibble_llama::{KvCache, Placement};
+pub use nibble_load::hub::{HubConfig, HubToken, RetryPolicy};
 pub use nibble_load::{ChatMessage, GenerationConfig, LlamaConfig, ModelFiles, RopeScaling};
-pub use nibble_plan::{DeviceMap, DeviceSpec, LayerPlan};
+pub use nibble_plan::{plan, CudaStatus, DeviceMap, DeviceSpec, Inventory, LayerPlan, MaxMemory, Plan, PlanRequest};
 pub use nibble_quant::{BitsAndBytesConfig, ComputeDtype, QuantMethod, QuantType};
 
 /// Options of a load beyond the three arguments of [`from_pretrained`].
@@ -45,27 +48,59 @@ pub struct LoadOptions {
     pub device_map: DeviceMap,
     /// Show a progress bar while quantizing (only drawn on a terminal).
     pub progress: bool,
+    /// The revision (branch, tag or commit) of a hub id, or of a `models--org--name` cache folder;
+    /// `None` is `main`. Ignored for plain local folders.
+    pub revision: Option<String>,
+    /// How to reach the Hub and where its cache is; `None` reads the environment
+    /// ([`HubConfig::from_env`]: `HF_ENDPOINT`, `HF_HUB_CACHE`, `HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
+    pub hub: Option<HubConfig>,
+    /// Per-device budgets overriding the free memory the inventory reports.
+    pub max_memory: MaxMemory,
+    /// Context length the KV cache is planned for; `None` is min(max_position_embeddings, 4096).
+    pub max_seq_len: Option<usize>,
+    /// Sequences run at once (KV cache and activations scale with it); 0 is taken as 1.
+    pub batch: usize,
+    /// Refuse to put layers on the CPU when the GPUs are full (CPU offload is on by default, with
+    /// a warning, unlike transformers for 4-bit models).
+    pub no_cpu_offload: bool,
+    /// The devices to plan for; `None` queries this machine.
+    pub inventory: Option<Inventory>,
 }
 
-/// Loads the model at `id` (a local folder in Hugging Face layout), quantized as `quant` says,
-/// placed as `device_map` says.
-pub fn from_pretrained(id: &str, quant: BitsAndBytesConfig, device_map: DeviceMap) -> Result<Model> {
-    Model::load(id, &LoadOptions { quant, device_map, progress: false })
-}
-
-/// Number of CUDA devices usable by this build.
-pub fn cuda_device_count() -> usize {
-    if candle_core::utils::cuda_is_available() {
-        (0..64).take_while(|&i| Device::new_cuda(i).is_ok()).count()
-    } else {
-        0
+impl LoadOptions {
+    /// The planner's request for `cfg`.
+    pub fn plan_request(&self, cfg: &LlamaConfig) -> PlanRequest {
+        let mut req = PlanRequest::new(cfg);
+        req.device_map = self.device_map.clone();
+        req.max_memory = self.max_memory.clone();
+        if let Some(n) = self.max_seq_len {
+            req.max_seq_len = n;
+        }
+        req.batch = self.batch.max(1);
+        req.allow_cpu_offload = !self.no_cpu_offload;
+        req
     }
+}
+
+/// Loads the model at `id` (a local folder in Hugging Face layout, or a llama.cpp `.gguf` file of
+/// the `llama` architecture, dequantized to bf16 and then quantized like any checkpoint, a
+/// `models--org--name` folder of the hub cache, or a hub id `org/name` fetched at `main` into the
+/// cache shared with Python), quantized as `quant` says, placed as `device_map` says.
+pub fn from_pretrained(id: &str, quant: BitsAndBytesConfig, device_map: DeviceMap) -> Result<Model> {
+    Model::load(id, &LoadOptions { quant, device_map, ..LoadOptions::default() })
+}
+
+/// Fetches only the config.json of hub repository `repo_id` (main revision, settings from the
+/// environment) and returns its path in the cache: enough to plan before downloading weights.
+pub fn fetch_config(repo_id: &str) -> Result<std::path::PathBuf> {
+    nibble_load::hub::fetch_config(&HubConfig::from_env(), repo_id, nibble_load::hub::DEFAULT_REVISION)
 }
 
 /// The candle device for a planned device, or a typed error when this build or machine lacks it.
 pub fn device_for(spec: DeviceSpec) -> Result<Device> {
     match spec {
-        DeviceSpec::Cpu => Ok(Device::Cpu),
+        // Logical CPU devices share host memory; they exist to exercise device boundaries.
+        DeviceSpec::Cpu | DeviceSpec::LogicalCpu(_) => Ok(Device::Cpu),
         DeviceSpec::Cuda(i) => {
             if !candle_core::utils::cuda_is_available() {
                 return Err(Error::DeviceUnavailable {

@@ -12,17 +12,19 @@ use nibble_quant::BitsAndBytesConfig;
 use crate::generate::{GenerateOptions, Generation, StopReason};
 use crate::provider::CheckpointProvider;
 use crate::source::{self, Source};
-use crate::{cuda_device_count, device_for, LoadOptions};
+use crate::{device_for, LoadOptions};
+use nibble_plan::{human, Inventory, PREFILL_CHUNK};
 
 /// A loaded model.
 #[derive(Debug)]
 pub struct Model {
-    llama: Llama,
-    tokenizer: Option<TextTokenizer>,
-    generation: GenerationConfig,
-    eos_ids: Vec<u32>,
-    quant: BitsAndBytesConfig,
-    files: ModelFiles,
+    pub(crate) llama: Llama,
+    pub(crate) tokenizer: Option<TextTokenizer>,
+    pub(crate) generation: GenerationConfig,
+    pub(crate) eos_ids: Vec<u32>,
+    pub(crate) quant: BitsAndBytesConfig,
+    /// Where it was loaded from: `save_pretrained` takes the config and tokenizer files from there.
+    pub(crate) source: Source,
 }
 
 /// The quantization actually applied: a pre-quantized checkpoint's own config wins over the
@@ -47,7 +49,7 @@ fn effective_quant(cfg: &LlamaConfig, requested: &BitsAndBytesConfig) -> Result<
     Ok(stored)
 }
 
-fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
+pub(crate) fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
@@ -59,17 +61,39 @@ fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     bar
 }
 
+/// Where each part of the model goes: the planner checks every device's budget (weights, KV
+/// cache for `opts.max_seq_len`, reserve) before any weight is read.
+pub(crate) fn placement(cfg: &LlamaConfig, opts: &LoadOptions) -> Result<Placement> {
+    let quant = effective_quant(cfg, &opts.quant)?;
+    let inventory = opts.inventory.clone().unwrap_or_else(Inventory::detect);
+    let plan = nibble_plan::plan(cfg, &quant, &opts.plan_request(cfg), &inventory)?;
+    for u in &plan.usage {
+        tracing::info!(
+            "{}: {} ({} weights, {} KV, {} reserve of {} budget)",
+            u.device,
+            u.modules.join(", "),
+            human(u.weight_bytes),
+            human(u.kv_bytes),
+            human(u.reserve_bytes),
+            human(u.budget)
+        );
+    }
+    let plan = plan.layers;
+    Ok(Placement {
+        embed: device_for(plan.embed)?,
+        layers: plan.layers.iter().map(|d| device_for(*d)).collect::<Result<_>>()?,
+        head: device_for(plan.head)?,
+    })
+}
+
 impl Model {
     /// Loads a model; see [`crate::from_pretrained`].
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Self> {
         let started = Instant::now();
         opts.quant.validate()?;
-        match source::resolve(id)? {
+        match source::resolve(id, opts)? {
             Source::Folder(files) => Self::load_folder(files, opts, started),
-            Source::Gguf(path) => Err(Error::InvalidSource {
-                source_name: path.display().to_string(),
-                reason: "GGUF files are not supported yet; import it to a Hugging Face folder first".into(),
-            }),
+            Source::Gguf(path) => crate::gguf::load(&path, opts, started),
         }
     }
 
@@ -79,12 +103,7 @@ impl Model {
         let quant = effective_quant(&cfg, &opts.quant)?;
         let compute = quant.bnb_4bit_compute_dtype.dtype();
 
-        let plan = opts.device_map.resolve(cfg.num_hidden_layers, cuda_device_count())?;
-        let placement = Placement {
-            embed: device_for(plan.embed)?,
-            layers: plan.layers.iter().map(|d| device_for(*d)).collect::<Result<_>>()?,
-            head: device_for(plan.head)?,
-        };
+        let placement = placement(&cfg, opts)?;
 
         let tokenizer = match &files.tokenizer {
             Some(t) => Some(TextTokenizer::from_files(
@@ -123,7 +142,7 @@ impl Model {
             started.elapsed().as_secs_f64(),
             llama.resident_weight_bytes()
         );
-        Ok(Self { llama, tokenizer, generation, eos_ids, quant, files })
+        Ok(Self { llama, tokenizer, generation, eos_ids, quant, source: Source::Folder(files) })
     }
 
     /// The model's configuration.
@@ -136,9 +155,17 @@ impl Model {
         &self.quant
     }
 
-    /// The files it was loaded from.
-    pub fn files(&self) -> &ModelFiles {
-        &self.files
+    /// The files it was loaded from, for a model loaded from a folder (`None` for a GGUF file).
+    pub fn files(&self) -> Option<&ModelFiles> {
+        match &self.source {
+            Source::Folder(files) => Some(files),
+            Source::Gguf(_) => None,
+        }
+    }
+
+    /// Where it was loaded from.
+    pub fn source(&self) -> &Source {
+        &self.source
     }
 
     /// `generation_config.json` as read.
@@ -154,7 +181,10 @@ impl Model {
     /// The tokenizer, or an error when the folder has no tokenizer.json.
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| Error::MissingFile {
-            path: self.files.dir.join("tokenizer.json"),
+            path: match &self.source {
+                Source::Folder(files) => files.dir.join("tokenizer.json"),
+                Source::Gguf(path) => path.clone(),
+            },
             hint: "text in and out needs the model's tokenizer.json; token ids still work".into(),
         })
     }
@@ -182,9 +212,27 @@ impl Model {
 
     /// Logits `[seq, vocab]` (f32) of one sequence, from a fresh cache.
     pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
-        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
         let mut cache = self.new_cache();
-        Ok(self.llama.forward(&input, 0, &mut cache, false)?.squeeze(0)?)
+        self.forward_chunked(ids, &mut cache, false)
+    }
+
+    /// Runs one sequence through the model in chunks of [`PREFILL_CHUNK`] positions (what the
+    /// planner's activation reserve assumes), extending `cache`. Returns logits `[seq, vocab]`, or
+    /// `[1, vocab]` for the last position when `last_only`.
+    fn forward_chunked(&self, ids: &[u32], cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+        let mut outputs = Vec::new();
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            let input = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?;
+            let logits = self.llama.forward(&input, cache.len(), cache, last_only)?.squeeze(0)?;
+            if last_only {
+                outputs.clear();
+            }
+            outputs.push(logits);
+        }
+        if outputs.is_empty() {
+            return Err(Error::invalid_argument("ids", "needs at least one token"));
+        }
+        Ok(Tensor::cat(&outputs, 0)?)
     }
 
     /// Generates from token ids, calling `on_text` with each new piece of text as it forms.
@@ -208,8 +256,7 @@ impl Model {
         let mut stop = StopReason::MaxTokens;
         let mut input = prompt.to_vec();
         while tokens.len() < opts.max_new_tokens {
-            let ids = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            let logits = self.llama.forward(&ids, cache.len(), &mut cache, true)?.flatten_all()?;
+            let logits = self.forward_chunked(&input, &mut cache, true)?.flatten_all()?;
             let logits = if opts.repetition_penalty != 1.0 {
                 candle_transformers::utils::apply_repeat_penalty(&logits, opts.repetition_penalty, &context)?
             } else {

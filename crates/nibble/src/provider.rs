@@ -19,6 +19,32 @@ pub(crate) struct CheckpointProvider<'a> {
     pub progress: ProgressBar,
 }
 
+/// Builds the linear layer `name` from its dense weight `w` (`[out, in]`, on the CPU, in the dtype
+/// the checkpoint holds): quantized as `quant` says, or kept dense in `compute` when `quant` is
+/// off or skips `name`. Every source format (safetensors, GGUF) goes through here, so a weight
+/// is quantized the same way whatever file it came from.
+pub(crate) fn quantize_or_dense(
+    name: &str,
+    w: &Tensor,
+    quant: &BitsAndBytesConfig,
+    compute: DType,
+    device: &Device,
+) -> Result<Box<dyn QuantLinear>> {
+    let method = if quant.skips(name) { QuantMethod::None } else { quant.method() };
+    Ok(match method {
+        QuantMethod::None => Box::new(DenseLinear::new(w.to_dtype(compute)?.to_device(device)?, None)?),
+        QuantMethod::FourBit(qt) => Box::new(Linear4bit::quantize(
+            w,
+            qt,
+            quant.bnb_4bit_blocksize,
+            quant.bnb_4bit_use_double_quant,
+            compute,
+            device,
+        )?),
+        QuantMethod::Int8 => Box::new(Linear8bit::quantize(w, quant.llm_int8_threshold, compute, device)?),
+    })
+}
+
 impl WeightProvider for CheckpointProvider<'_> {
     fn linear(
         &mut self,
@@ -45,21 +71,7 @@ impl WeightProvider for CheckpointProvider<'_> {
             Stored::Dense => {
                 // Quantization runs on the host; only the result moves to the device.
                 let w = self.weights.tensor_shaped(weight_name, &[out_features, in_features], &Device::Cpu)?;
-                let method = if self.quant.skips(name) { QuantMethod::None } else { self.quant.method() };
-                match method {
-                    QuantMethod::None => Box::new(DenseLinear::new(w.to_dtype(self.compute)?.to_device(device)?, None)?),
-                    QuantMethod::FourBit(qt) => Box::new(Linear4bit::quantize(
-                        &w,
-                        qt,
-                        self.quant.bnb_4bit_blocksize,
-                        self.quant.bnb_4bit_use_double_quant,
-                        self.compute,
-                        device,
-                    )?),
-                    QuantMethod::Int8 => {
-                        Box::new(Linear8bit::quantize(&w, self.quant.llm_int8_threshold, self.compute, device)?)
-                    }
-                }
+                quantize_or_dense(name, &w, self.quant, self.compute, device)?
             }
         };
         self.progress.inc(1);

@@ -15,13 +15,17 @@ use nibble_quant::linear::LinearStorage;
 use safetensors::tensor::{Dtype, View};
 use serde_json::Value;
 
+use crate::source::Source;
 use crate::Model;
 
 /// One tensor to write: stored dtype, shape and little-endian bytes.
-struct Owned {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
+pub(crate) struct Owned {
+    /// The stored dtype.
+    pub(crate) dtype: Dtype,
+    /// The shape.
+    pub(crate) shape: Vec<usize>,
+    /// Little-endian element bytes.
+    pub(crate) data: Vec<u8>,
 }
 
 impl View for &Owned {
@@ -142,7 +146,11 @@ impl Model {
         std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
 
         self.write_config(dir, &tensors)?;
-        let files = self.files();
+        let files = match self.source() {
+            Source::Folder(files) => files,
+            // A GGUF file has no tokenizer files to copy: write them as import_gguf does.
+            Source::Gguf(path) => return crate::gguf::write_side_files(path, dir),
+        };
         let extra = [
             files.tokenizer.as_deref(),
             files.tokenizer_config.as_deref(),
@@ -161,13 +169,19 @@ impl Model {
     }
 
     fn write_config(&self, dir: &Path, tensors: &[(String, Owned)]) -> Result<()> {
-        let src = &self.files().config;
-        let text = std::fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
-        let mut v: Value = serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
-            path: src.clone(),
-            field: "<root>".into(),
-            reason: e.to_string(),
-        })?;
+        let mut v: Value = match self.source() {
+            Source::Folder(files) => {
+                let src = &files.config;
+                let text = std::fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
+                serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
+                    path: src.clone(),
+                    field: "<root>".into(),
+                    reason: e.to_string(),
+                })?
+            }
+            // The dtype is overwritten below with what is actually written.
+            Source::Gguf(_) => crate::gguf::hf_config(self.config(), "bfloat16"),
+        };
         let held = tensors
             .iter()
             .find(|(n, _)| n == "model.embed_tokens.weight")

@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use nibble_core::{Error, Result};
+use nibble_load::hub::{self, HubConfig};
 use nibble_load::ModelFiles;
+
+use crate::LoadOptions;
 
 /// Where a model's files come from.
 #[derive(Debug, Clone)]
@@ -24,13 +27,20 @@ pub(crate) fn looks_like_hub_id(id: &str) -> bool {
         })
 }
 
-/// Resolves `id`: an existing path wins; otherwise a hub id; otherwise an error.
-pub(crate) fn resolve(id: &str) -> Result<Source> {
+/// Resolves `id`: an existing path wins (a `models--org--name` folder of the hub cache is read
+/// through its `refs/`); otherwise a hub id, fetched into the cache (or found there) at
+/// `opts.revision`; otherwise an error.
+pub(crate) fn resolve(id: &str, opts: &LoadOptions) -> Result<Source> {
+    let revision = opts.revision.as_deref().unwrap_or(hub::DEFAULT_REVISION);
     let path = Path::new(id);
     if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
         return Ok(Source::Gguf(path.to_path_buf()));
     }
     if path.is_dir() {
+        if hub::is_cache_repo_dir(path) {
+            let snapshot = hub::snapshot_in_cache_dir(path, revision)?;
+            return Ok(Source::Folder(ModelFiles::from_dir(snapshot)?));
+        }
         return Ok(Source::Folder(ModelFiles::from_dir(path)?));
     }
     if path.is_file() {
@@ -40,12 +50,18 @@ pub(crate) fn resolve(id: &str) -> Result<Source> {
         });
     }
     if looks_like_hub_id(id) {
-        return Err(Error::InvalidSource {
-            source_name: id.to_string(),
-            reason: "not a local folder, and loading from the Hugging Face Hub is not available yet; \
-                     download the repository and pass its folder"
-                .into(),
-        });
+        // Read the environment only when the caller gave no config (tests and embedders give one,
+        // since environment variables are process-global).
+        let from_env;
+        let cfg = match &opts.hub {
+            Some(cfg) => cfg,
+            None => {
+                from_env = HubConfig::from_env();
+                &from_env
+            }
+        };
+        let snapshot = hub::snapshot(cfg, id, revision)?;
+        return Ok(Source::Folder(ModelFiles::from_dir(snapshot)?));
     }
     Err(Error::InvalidSource {
         source_name: id.to_string(),

@@ -8,6 +8,8 @@ use super::blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit};
 use super::codes::{self, Quant4Tables, QuantType};
 use super::reduce::torch_mean_f32;
 use super::{check_blocksize, dynamic_map, n_blocks, Element, MIN_ELEMS_PER_TASK};
+use crate::kernels::quant::{self, Scale};
+use crate::kernels::Isa;
 
 /// The block size bitsandbytes uses to quantize the absmax under double quantization.
 pub const NESTED_BLOCKSIZE: usize = 256;
@@ -169,6 +171,17 @@ pub fn quantize_4bit<T: Element>(
     quant_type: QuantType,
     double_quant: bool,
 ) -> Result<Packed4bit> {
+    quantize_4bit_impl(Isa::detect(), input, blocksize, quant_type, double_quant)
+}
+
+/// [`quantize_4bit`] on the kernels of `isa` (already checked to be supported).
+pub(crate) fn quantize_4bit_impl<T: Element>(
+    isa: Isa,
+    input: &[T],
+    blocksize: usize,
+    quant_type: QuantType,
+    double_quant: bool,
+) -> Result<Packed4bit> {
     check_blocksize("blocksize", blocksize)?;
     if input.is_empty() {
         return Err(Error::invalid_argument("input", "is empty; there is nothing to quantize"));
@@ -183,7 +196,7 @@ pub fn quantize_4bit<T: Element>(
         .zip(input.par_chunks(blocksize))
         .zip(absmax.par_iter_mut())
         .with_min_len(MIN_ELEMS_PER_TASK.div_ceil(blocksize))
-        .for_each(|((p, x), am)| *am = quantize_block(x, p, x.len() == blocksize, tables));
+        .for_each(|((p, x), am)| *am = quantize_block(isa, x, p, x.len() == blocksize, tables));
 
     let absmax = if double_quant { Absmax::Double(double_quantize(&absmax)?) } else { Absmax::F32(absmax) };
     Ok(Packed4bit { packed, absmax, numel, blocksize, quant_type })
@@ -195,14 +208,8 @@ pub fn quantize_4bit<T: Element>(
 /// the reciprocal of the clamped absmax and store the unclamped absmax; the partial block divides
 /// by the clamped absmax and stores it clamped.
 #[inline]
-fn quantize_block<T: Element>(x: &[T], p: &mut [u8], full: bool, t: &Quant4Tables) -> f32 {
-    let mut absmax = 0.0f32;
-    let mut nan = false;
-    for &v in x {
-        let a = v.to_f32().abs();
-        absmax = absmax.max(a);
-        nan |= a.is_nan();
-    }
+fn quantize_block<T: Element>(isa: Isa, x: &[T], p: &mut [u8], full: bool, t: &Quant4Tables) -> f32 {
+    let (mut absmax, nan) = quant::abs_max(isa, x);
     if nan {
         // torch's max propagates NaN (f32::max would skip it).
         absmax = f32::NAN;
@@ -210,26 +217,28 @@ fn quantize_block<T: Element>(x: &[T], p: &mut [u8], full: bool, t: &Quant4Table
     // `clamp(min=1e-38)`, written so that NaN passes through as in torch.
     let floored = if absmax < ABSMAX_FLOOR { ABSMAX_FLOOR } else { absmax };
     if full {
-        let inv = 1.0 / floored;
-        encode_block(x, p, t, |v| v * inv);
+        encode_block(isa, x, p, t, Scale::Mul(1.0 / floored));
         absmax
     } else {
-        encode_block(x, p, t, |v| v / floored);
+        encode_block(isa, x, p, t, Scale::Div(floored));
         floored
     }
 }
 
-#[inline(always)]
-fn encode_block<T: Element>(x: &[T], p: &mut [u8], t: &Quant4Tables, scale: impl Fn(f32) -> f32) {
+/// The vectorized kernels encode whole 32-value groups; the rest (and an odd last value) here.
+#[inline]
+fn encode_block<T: Element>(isa: Isa, x: &[T], p: &mut [u8], t: &Quant4Tables, scale: Scale) {
+    let done = quant::encode_4bit(isa, x, scale, t, p);
+    let (x, p) = (&x[done..], &mut p[done / 2..]);
     let mut pairs = x.chunks_exact(2);
     for (byte, pair) in p.iter_mut().zip(&mut pairs) {
-        let hi = t.encode(scale(pair[0].to_f32()));
-        let lo = t.encode(scale(pair[1].to_f32()));
+        let hi = t.encode(scale.apply(pair[0].to_f32()));
+        let lo = t.encode(scale.apply(pair[1].to_f32()));
         *byte = (hi << 4) | lo;
     }
     // An odd element count: bnb pads the scaled values with 0.0, so the low nibble is 0.0's code.
     if let ([last], Some(byte)) = (pairs.remainder(), p.last_mut()) {
-        *byte = (t.encode(scale(last.to_f32())) << 4) | t.zero_code;
+        *byte = (t.encode(scale.apply(last.to_f32())) << 4) | t.zero_code;
     }
 }
 

@@ -5,6 +5,8 @@ use half::f16;
 use nibble_core::{Error, Result};
 use rayon::prelude::*;
 
+use crate::kernels::{quant, Isa};
+
 /// bnb's dequantization constant, `7.874015718698502e-3` (~1/127), as the f32 torch multiplies by.
 pub const INV_127: f32 = 7.874_015_718_698_502e-3_f64 as f32;
 
@@ -39,6 +41,17 @@ pub struct Int8Quantized {
 ///
 /// Errors: `input.len() != rows * cols`, `cols == 0`, or a negative or NaN `threshold`.
 pub fn int8_vectorwise_quant(input: &[f16], rows: usize, cols: usize, threshold: f32) -> Result<Int8Quantized> {
+    int8_vectorwise_quant_impl(Isa::detect(), input, rows, cols, threshold)
+}
+
+/// [`int8_vectorwise_quant`] on the kernels of `isa` (already checked to be supported).
+pub(crate) fn int8_vectorwise_quant_impl(
+    isa: Isa,
+    input: &[f16],
+    rows: usize,
+    cols: usize,
+    threshold: f32,
+) -> Result<Int8Quantized> {
     check_shape("input", input.len(), rows, cols)?;
     if threshold.is_nan() || threshold < 0.0 {
         return Err(Error::invalid_argument(
@@ -46,20 +59,18 @@ pub fn int8_vectorwise_quant(input: &[f16], rows: usize, cols: usize, threshold:
             format!("{threshold} is not allowed; use 0 for no outlier handling or a positive value"),
         ));
     }
-    let outliers = threshold > 0.0;
-    let th = f16::from_f32(threshold).to_f32();
-    let is_outlier = |x: f32| outliers && x.abs() >= th;
+    // Outliers are `|x| >= threshold` compared in f16, as torch compares an f16 tensor with a
+    // Python float.
+    let th = (threshold > 0.0).then(|| f16::from_f32(threshold).to_f32());
 
-    let outlier_cols = if outliers {
+    let outlier_cols = th.map(|th| {
         let mask = input
             .par_chunks(cols)
             .with_min_len(MIN_ROWS_PER_TASK)
             .fold(
                 || vec![false; cols],
                 |mut m, row| {
-                    for (m, &x) in m.iter_mut().zip(row) {
-                        *m |= is_outlier(x.to_f32());
-                    }
+                    quant::outlier_mask_row(isa, row, th, &mut m);
                     m
                 },
             )
@@ -72,10 +83,8 @@ pub fn int8_vectorwise_quant(input: &[f16], rows: usize, cols: usize, threshold:
                     a
                 },
             );
-        Some(mask.iter().enumerate().filter_map(|(c, &m)| m.then_some(c)).collect::<Vec<_>>())
-    } else {
-        None
-    };
+        mask.iter().enumerate().filter_map(|(c, &m)| m.then_some(c)).collect::<Vec<_>>()
+    });
 
     let mut cb = vec![0i8; input.len()];
     let mut scb = vec![0.0f32; rows];
@@ -85,26 +94,12 @@ pub fn int8_vectorwise_quant(input: &[f16], rows: usize, cols: usize, threshold:
         .with_min_len(MIN_ROWS_PER_TASK)
         .for_each(|((q, row), s)| {
             // Outliers are zeroed before the absmax; torch's max propagates NaN.
-            let mut absmax = 0.0f32;
-            let mut nan = false;
-            for &x in row {
-                let x = x.to_f32();
-                if !is_outlier(x) {
-                    absmax = absmax.max(x.abs());
-                    nan |= x.is_nan();
-                }
-            }
+            let (mut absmax, nan) = quant::int8_row_absmax(isa, row, th);
             if nan {
                 absmax = f32::NAN;
             }
             *s = absmax;
-            let k = 127.0 / absmax;
-            for (q, &x) in q.iter_mut().zip(row) {
-                let x = x.to_f32();
-                let v = if is_outlier(x) { 0.0 } else { x };
-                // `as i8` saturates and maps NaN (0 * inf for an all-zero row) to 0.
-                *q = (v * k).round_ties_even() as i8;
-            }
+            quant::int8_row_encode(isa, row, th, 127.0 / absmax, q);
         });
 
     if rows > 1 {

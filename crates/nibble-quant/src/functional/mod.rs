@@ -34,7 +34,10 @@ mod reduce;
 
 pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit};
 pub use codes::{code_book, dynamic_map, QuantType};
+pub(crate) use codes::{tables, Quant4Tables};
 pub use element::Element;
+pub(crate) use four_bit::quantize_4bit_impl;
+pub(crate) use int8::int8_vectorwise_quant_impl;
 pub use four_bit::{
     dequantize_4bit, dequantize_4bit_into, quantize_4bit, Absmax, DoubleQuant, Packed4bit, NESTED_BLOCKSIZE,
 };

@@ -1,0 +1,194 @@
+//! One system measured in its own process, so each load has its own peak resident memory.
+//!
+//! The parent runs `nibble-bench --child '<spec json>'`; the child loads the model, times the first
+//! token, reads VmHWM, then times prefill and decode, and prints one JSON line of [`Measured`].
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor, D};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use nibble::{BitsAndBytesConfig, ComputeDtype, DeviceMap, GenerateOptions, LoadOptions, Model};
+use nibble_quant::linear::LinearStorage;
+use serde::{Deserialize, Serialize};
+
+use crate::machine::vm_hwm;
+
+/// What to measure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    /// `nibble` (a Hugging Face folder) or `candle` (a GGUF file through `quantized_llama`).
+    pub system: String,
+    /// The model folder or GGUF file.
+    pub path: PathBuf,
+    /// For nibble: `nf4`, `nf4-dq`, `fp4`, `int8`, `f32`, `bf16`.
+    pub config: String,
+    /// Greedy tokens to decode.
+    pub decode: usize,
+    /// Prompt length of the prefill measurement.
+    pub prefill: usize,
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Measured {
+    /// Seconds from the start of the load until the model is ready.
+    pub load_s: f64,
+    /// Seconds from the start of the load until the first generated token (8-token prompt).
+    pub first_token_s: f64,
+    /// VmHWM right after the first token, bytes.
+    pub peak_rss: u64,
+    /// Prompt tokens per second over a `prefill`-token prompt (best of up to two runs).
+    pub prefill_tps: f64,
+    /// Generated tokens per second after the first one.
+    pub decode_tps: f64,
+    /// Bytes of weights one decode step reads (every matrix once, with its scales).
+    pub bytes_per_token: u64,
+    /// Bytes of weights resident.
+    pub resident_bytes: u64,
+    /// The largest weight tensor, in f32 bytes (the memory target allows two of them).
+    pub largest_f32: u64,
+}
+
+/// The nibble configuration named `name`.
+pub fn nibble_config(name: &str) -> Result<BitsAndBytesConfig> {
+    Ok(match name {
+        "nf4" => BitsAndBytesConfig::nf4(),
+        "nf4-dq" => BitsAndBytesConfig::nf4().with_double_quant(true),
+        "fp4" => BitsAndBytesConfig::fp4(),
+        "int8" => BitsAndBytesConfig::int8(),
+        "f32" => BitsAndBytesConfig::none(),
+        "bf16" => BitsAndBytesConfig::none().with_compute_dtype(ComputeDtype::Bf16),
+        other => bail!("unknown nibble configuration {other}"),
+    })
+}
+
+/// Arbitrary but fixed token ids below `vocab`.
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32).collect()
+}
+
+fn greedy(n: usize) -> GenerateOptions {
+    let mut g = GenerateOptions::greedy(n);
+    // Every run decodes exactly `n` tokens.
+    g.stop_at_eos = false;
+    g
+}
+
+/// Runs the measurement `spec` in this process.
+pub fn run(spec: &Spec) -> Result<Measured> {
+    match spec.system.as_str() {
+        "nibble" => run_nibble(spec),
+        "candle" => run_candle(spec),
+        other => bail!("unknown system {other}"),
+    }
+}
+
+fn run_nibble(spec: &Spec) -> Result<Measured> {
+    let quant = nibble_config(&spec.config)?;
+    let opts = LoadOptions {
+        quant,
+        device_map: DeviceMap::Cpu,
+        max_seq_len: Some(spec.prefill.max(spec.decode + 8) + 16),
+        ..LoadOptions::default()
+    };
+    let path = spec.path.to_str().context("model path is not UTF-8")?;
+    let t0 = Instant::now();
+    let model = Model::load(path, &opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let vocab = model.config().vocab_size;
+    model.generate(&prompt(8, vocab), &greedy(1), |_| {})?;
+    let first_token_s = t0.elapsed().as_secs_f64();
+    let peak_rss = vm_hwm();
+
+    let mut m = Measured { load_s, first_token_s, peak_rss, ..Measured::default() };
+    let cfg = model.config();
+    m.largest_f32 = (cfg.vocab_size * cfg.hidden_size * 4) as u64;
+    for (_, l) in model.llama().linears() {
+        let read = match l.storage() {
+            LinearStorage::FourBit(q, _) => q.packed.len() + 4 * q.n_blocks(),
+            LinearStorage::Int8 { cb, scb } => cb.len() + 4 * scb.len(),
+            LinearStorage::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        };
+        m.bytes_per_token += read as u64;
+        m.largest_f32 = m.largest_f32.max((l.in_features() * l.out_features() * 4) as u64);
+    }
+    m.resident_bytes = model.resident_weight_bytes() as u64;
+
+    let long = prompt(spec.prefill, vocab);
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        let g = model.generate(&long, &greedy(1), |_| {})?;
+        best = best.min(g.prefill_secs);
+        if g.prefill_secs > 5.0 {
+            break;
+        }
+    }
+    m.prefill_tps = spec.prefill as f64 / best;
+
+    let g = model.generate(&prompt(8, vocab), &greedy(spec.decode), |_| {})?;
+    m.decode_tps = (g.tokens.len().saturating_sub(1)) as f64 / g.decode_secs;
+    Ok(m)
+}
+
+fn argmax(logits: &Tensor) -> Result<u32> {
+    Ok(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}
+
+fn run_candle(spec: &Spec) -> Result<Measured> {
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let mut file = File::open(&spec.path).with_context(|| format!("opening {}", spec.path.display()))?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let mut m = Measured::default();
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let mut vocab = 0;
+    for (name, info) in &content.tensor_infos {
+        let bytes = (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+        m.resident_bytes += bytes;
+        m.largest_f32 = m.largest_f32.max(info.shape.elem_count() as u64 * 4);
+        if name == "token_embd.weight" {
+            vocab = info.shape.dims().first().copied().unwrap_or(0);
+            // candle keeps a dequantized f32 copy for the lookup; the matrix itself is read per
+            // token only when it doubles as the output layer.
+            m.resident_bytes += info.shape.elem_count() as u64 * 4;
+            if has_output {
+                continue;
+            }
+        }
+        m.bytes_per_token += bytes;
+    }
+    let mut model = ModelWeights::from_gguf(content, &mut file, &dev)?;
+    m.load_s = t0.elapsed().as_secs_f64();
+    let short = prompt(8, vocab);
+    argmax(&model.forward(&Tensor::new(short.as_slice(), &dev)?.unsqueeze(0)?, 0)?)?;
+    m.first_token_s = t0.elapsed().as_secs_f64();
+    m.peak_rss = vm_hwm();
+
+    let long = prompt(spec.prefill, vocab);
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        model.clear_kv_cache();
+        let t = Instant::now();
+        argmax(&model.forward(&Tensor::new(long.as_slice(), &dev)?.unsqueeze(0)?, 0)?)?;
+        let s = t.elapsed().as_secs_f64();
+        best = best.min(s);
+        if s > 5.0 {
+            break;
+        }
+    }
+    m.prefill_tps = spec.prefill as f64 / best;
+
+    model.clear_kv_cache();
+    let mut next = argmax(&model.forward(&Tensor::new(short.as_slice(), &dev)?.unsqueeze(0)?, 0)?)?;
+    let t = Instant::now();
+    for i in 1..spec.decode {
+        let input = Tensor::new(&[next], &dev)?.unsqueeze(0)?;
+        next = argmax(&model.forward(&input, short.len() + i - 1)?)?;
+    }
+    m.decode_tps = spec.decode.saturating_sub(1) as f64 / t.elapsed().as_secs_f64();
+    Ok(m)
+}

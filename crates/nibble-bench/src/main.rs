@@ -1,0 +1,403 @@
+//! `nibble-bench`: nibble's CPU speed side by side with unquantized models and candle's own
+//! GGUF path, on SmolLM2-135M (when fetched) and on a generated ~1B-parameter Llama.
+//!
+//! One run measures, on this machine: memory read bandwidth (the floor of a decode step), the
+//! quantizers' throughput, the matrix kernels alone, and for each model and system decode and
+//! prefill tokens/s, load time to first token and peak resident memory (each load in a child
+//! process of this binary). It prints a markdown report, writes it to `--out`, and with `--doc`
+//! replaces the `## Speed` section of that file (e.g. `docs/benchmarks.md`).
+
+mod child;
+mod machine;
+mod micro;
+mod synth;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::GgmlDType;
+use clap::Parser;
+
+use child::{Measured, Spec};
+use machine::Machine;
+use synth::LlamaShape;
+
+#[derive(Parser, Debug)]
+#[command(name = "nibble-bench", about = "CPU speed of nibble's quantized kernels, side by side")]
+struct Args {
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace (or append) the `## Speed` section of this markdown file with the report.
+    #[arg(long)]
+    doc: Option<PathBuf>,
+    /// The SmolLM2 folder (skipped with a note when absent).
+    #[arg(long, default_value = "models/smollm2-135m-instruct")]
+    model: PathBuf,
+    /// The SmolLM2 Q4_1 GGUF for candle's quantized path (skipped when absent).
+    #[arg(long, default_value = "models/smollm2-135m-instruct.Q4_1.gguf")]
+    gguf: PathBuf,
+    /// Greedy tokens per decode measurement.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Prompt tokens per prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// nibble configurations to run (nf4, nf4-dq, fp4, int8, f32, bf16).
+    #[arg(long, value_delimiter = ',', default_value = "nf4,nf4-dq,fp4,int8,f32,bf16")]
+    configs: Vec<String>,
+    /// Skip the generated ~1B model.
+    #[arg(long)]
+    skip_1b: bool,
+    /// Skip candle's GGUF runs on the generated ~1B model (writing those files takes a while).
+    #[arg(long)]
+    skip_candle_1b: bool,
+    /// Skip the model runs (machine, bandwidth, quantizers and kernels only).
+    #[arg(long)]
+    micro_only: bool,
+    /// Where generated models go (default: a folder in the system temp dir, removed afterwards).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Keep the generated models.
+    #[arg(long)]
+    keep: bool,
+    /// Size of the bandwidth test buffer, MiB.
+    #[arg(long, default_value_t = 1024)]
+    bandwidth_mib: usize,
+    /// Internal: run one measurement (JSON `Spec`) and print its JSON result.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+}
+
+/// One model x system measurement (or why it is missing).
+struct Row {
+    model: String,
+    system: String,
+    result: std::result::Result<Measured, String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(spec) = &args.child {
+        let spec: Spec = serde_json::from_str(spec).context("bad --child spec")?;
+        let m = child::run(&spec)?;
+        println!("{}", serde_json::to_string(&m)?);
+        return Ok(());
+    }
+
+    if std::env::var("PROBE").is_ok() {
+        return micro::probe();
+    }
+    let machine = Machine::detect();
+    eprintln!("machine: {} ({} threads, {}), kernels {}", machine.cpu, machine.threads, machine.flags, machine.kernels);
+    eprintln!("load average: {}", machine.loadavg);
+    let (bw1, bw_all) = machine::read_bandwidth(args.bandwidth_mib << 20, 5);
+    eprintln!("read bandwidth: {:.1} GB/s (1 thread), {:.1} GB/s (all threads)", bw1 / 1e9, bw_all / 1e9);
+    let quant = micro::quantize_throughput()?;
+    for l in &quant {
+        eprintln!("{}: {:.2} {}", l.what, l.value, l.unit);
+    }
+    let kernels = micro::kernels()?;
+    for l in &kernels {
+        eprintln!("{}: {:.2} {} {}", l.what, l.value, l.unit, l.note);
+    }
+
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let temp = args.workdir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("nibble-bench-{}", std::process::id())));
+    if !args.micro_only {
+        std::fs::create_dir_all(&temp)?;
+        let res = run_models(&args, &temp, &mut rows, &mut notes);
+        if !args.keep && args.workdir.is_none() {
+            let _ = std::fs::remove_dir_all(&temp);
+        }
+        res?;
+    }
+
+    let report = render(&machine, (bw1, bw_all), &quant, &kernels, &rows, &notes, &args);
+    println!("{report}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if let Some(doc) = &args.doc {
+        update_doc(doc, &report)?;
+    }
+    Ok(())
+}
+
+fn run_models(args: &Args, temp: &Path, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Result<()> {
+    let smol = "SmolLM2-135M";
+    if args.model.join("config.json").is_file() {
+        for c in &args.configs {
+            rows.push(measure(smol, &format!("nibble {c}"), "nibble", &args.model, c, args));
+        }
+    } else {
+        notes.push(format!("{} is absent (run models/fetch-smollm2.sh); SmolLM2 rows skipped.", args.model.display()));
+    }
+    if args.gguf.is_file() {
+        rows.push(measure(smol, "candle Q4_1 GGUF", "candle", &args.gguf, "", args));
+        let q40 = temp.join("smollm2-q4_0.gguf");
+        match synth::requantize_gguf(&args.gguf, &q40, GgmlDType::Q4_0) {
+            Ok(()) => rows.push(measure(smol, "candle Q4_0 (re-quantized)", "candle", &q40, "", args)),
+            Err(e) => rows.push(Row { model: smol.into(), system: "candle Q4_0 (re-quantized)".into(), result: Err(e.to_string()) }),
+        }
+    } else {
+        notes.push(format!("{} is absent; candle's GGUF rows for SmolLM2 skipped.", args.gguf.display()));
+    }
+
+    if args.skip_1b {
+        return Ok(());
+    }
+    let shape = LlamaShape::TINYLLAMA;
+    let name = format!("random Llama {:.2}B", shape.params() as f64 / 1e9);
+    let dir = temp.join("random-llama-1b");
+    eprintln!("writing {name} to {}", dir.display());
+    if !dir.join("model.safetensors").is_file() {
+        synth::write_random_llama(&dir, &shape)?;
+    }
+    for c in &args.configs {
+        rows.push(measure(&name, &format!("nibble {c}"), "nibble", &dir, c, args));
+    }
+    if !args.skip_candle_1b {
+        for (label, dt) in [("candle Q4_1 GGUF", GgmlDType::Q4_1), ("candle Q4_0 GGUF", GgmlDType::Q4_0)] {
+            let path = temp.join(format!("random-llama-1b-{dt:?}.gguf"));
+            if !path.is_file() {
+                eprintln!("writing {}", path.display());
+                synth::write_random_gguf(&path, &shape, dt)?;
+            }
+            rows.push(measure(&name, label, "candle", &path, "", args));
+            if !args.keep {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one measurement in a child process.
+fn measure(model: &str, system: &str, kind: &str, path: &Path, config: &str, args: &Args) -> Row {
+    eprintln!("measuring {model} / {system}");
+    let spec = Spec {
+        system: kind.into(),
+        path: path.to_path_buf(),
+        config: config.into(),
+        decode: args.decode_tokens,
+        prefill: args.prefill_tokens,
+    };
+    let result = (|| -> Result<Measured> {
+        let exe = std::env::current_exe()?;
+        let out = Command::new(exe).arg("--child").arg(serde_json::to_string(&spec)?).output()?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!("{}", err.lines().last().unwrap_or("child failed").trim());
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{')).context("no result from child")?;
+        Ok(serde_json::from_str(line)?)
+    })();
+    match &result {
+        Ok(m) => eprintln!(
+            "  decode {:.1} tok/s, prefill {:.1} tok/s, load {:.2}s, first token {:.2}s, peak {:.0} MiB",
+            m.decode_tps,
+            m.prefill_tps,
+            m.load_s,
+            m.first_token_s,
+            m.peak_rss as f64 / 1048576.0
+        ),
+        Err(e) => eprintln!("  failed: {e}"),
+    }
+    Row { model: model.into(), system: system.into(), result: result.map_err(|e| e.to_string()) }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// Today's date (UTC) from the system clock, `YYYY-MM-DD`.
+fn today() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    // Howard Hinnant's civil_from_days.
+    let z = (secs / 86400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn find<'a>(rows: &'a [Row], model_prefix: &str, system: &str) -> Option<&'a Measured> {
+    rows.iter()
+        .find(|r| r.model.starts_with(model_prefix) && r.system == system)
+        .and_then(|r| r.result.as_ref().ok())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    machine: &Machine,
+    (bw1, bw_all): (f64, f64),
+    quant: &[micro::Line],
+    kernels: &[micro::Line],
+    rows: &[Row],
+    notes: &[String],
+    args: &Args,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## Speed\n");
+    let _ = writeln!(
+        s,
+        "Measured {} with `cargo run --release -p nibble-bench -- --doc docs/benchmarks.md` (one run, \
+         everything side by side; CPU only).\n",
+        today()
+    );
+    let _ = writeln!(
+        s,
+        "- **Machine**: {}, {} threads ({}); nibble kernels: `{}`. Load average at the start: {}.",
+        machine.cpu, machine.threads, machine.flags, machine.kernels, machine.loadavg
+    );
+    let _ = writeln!(
+        s,
+        "- **Memory read bandwidth** (sum of a {} MiB array, best of 5): {:.1} GB/s with 1 thread, {:.1} GB/s with {} threads.",
+        args.bandwidth_mib,
+        bw1 / 1e9,
+        bw_all / 1e9,
+        machine.threads
+    );
+    let _ = writeln!(
+        s,
+        "- **Bandwidth floor**: a decode step reads every weight matrix once, so no system can decode faster than \
+         (all-thread read bandwidth) / (weight bytes read per token); \"of floor\" is decode tok/s over that.\n"
+    );
+
+    let _ = writeln!(s, "### Decode ({} tokens, greedy) and prefill ({} tokens)\n", args.decode_tokens, args.prefill_tokens);
+    let _ = writeln!(
+        s,
+        "| model | system | weights read / token | decode tok/s | floor tok/s | of floor | prefill tok/s | load s | load → first token s | peak RSS (load) |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        match &r.result {
+            Ok(m) => {
+                let floor = bw_all / m.bytes_per_token.max(1) as f64;
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} MiB | {:.1} | {:.1} | {:.0}% | {:.1} | {:.2} | {:.2} | {:.0} MiB |",
+                    r.model,
+                    r.system,
+                    mib(m.bytes_per_token),
+                    m.decode_tps,
+                    floor,
+                    100.0 * m.decode_tps / floor,
+                    m.prefill_tps,
+                    m.load_s,
+                    m.first_token_s,
+                    mib(m.peak_rss)
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(s, "| {} | {} | failed: {} | | | | | | | |", r.model, r.system, e.replace('|', "/"));
+            }
+        }
+    }
+    for n in notes {
+        let _ = writeln!(s, "\n{n}");
+    }
+    let _ = writeln!(
+        s,
+        "\nnibble's unquantized `lm_head` (bitsandbytes skips it) is included in its bytes per token; for candle the \
+         output matrix is the GGUF's (quantized). Peak RSS is VmHWM right after the first token, in a fresh process \
+         per row.\n"
+    );
+
+    let _ = writeln!(s, "### Quantize-on-load throughput (one 5632 x 2048 matrix)\n");
+    let _ = writeln!(s, "| quantizer | throughput |\n|---|---:|");
+    for l in quant {
+        let _ = writeln!(s, "| {} | {:.2} {} |", l.what, l.value, l.unit);
+    }
+    let _ = writeln!(s, "\n### Kernels alone (TinyLlama MLP matrix 5632 x 2048, all threads)\n");
+    let _ = writeln!(s, "| kernel | throughput | time |\n|---|---:|---:|");
+    for l in kernels {
+        let _ = writeln!(s, "| {} | {:.1} {} | {} |", l.what, l.value, l.unit, l.note);
+    }
+
+    let _ = writeln!(s, "\n### Targets (issue 7)\n");
+    let mark = |ok: bool| if ok { "met" } else { "**missed**" };
+    let smol_nf4 = find(rows, "SmolLM2", "nibble nf4");
+    match (smol_nf4, find(rows, "SmolLM2", "candle Q4_1 GGUF")) {
+        (Some(n), Some(c)) => {
+            let r = n.decode_tps / c.decode_tps;
+            let _ = writeln!(s, "- SmolLM2 NF4 decode ≥ 1.0× candle Q4_1 decode: {:.2}× ({:.1} vs {:.1} tok/s): {}", r, n.decode_tps, c.decode_tps, mark(r >= 1.0));
+        }
+        _ => {
+            let _ = writeln!(s, "- SmolLM2 NF4 decode vs candle Q4_1: not measured (model or GGUF absent).");
+        }
+    }
+    if let Some(n) = smol_nf4 {
+        let frac = n.decode_tps / (bw_all / n.bytes_per_token.max(1) as f64);
+        let _ = writeln!(s, "- SmolLM2 NF4 decode ≥ 60% of the bandwidth floor: {:.0}%: {}", 100.0 * frac, mark(frac >= 0.6));
+        if let Some(f) = find(rows, "SmolLM2", "nibble f32") {
+            let r = n.prefill_tps / f.prefill_tps;
+            let _ = writeln!(s, "- SmolLM2 NF4 prefill ≥ 0.7× f32 prefill: {:.2}× ({:.1} vs {:.1} tok/s): {}", r, n.prefill_tps, f.prefill_tps, mark(r >= 0.7));
+        }
+        let _ = writeln!(s, "- SmolLM2 NF4 load (safetensors to ready) < 1 s: {:.2} s: {}", n.load_s, mark(n.load_s < 1.0));
+        let limit = n.resident_bytes + 2 * n.largest_f32 + 100 * 1048576;
+        let _ = writeln!(
+            s,
+            "- SmolLM2 NF4 peak RSS ≤ quantized size + 2 × largest tensor in f32 + 100 MiB: {:.0} MiB ≤ {:.0} MiB: {}",
+            mib(n.peak_rss),
+            mib(limit),
+            mark(n.peak_rss <= limit)
+        );
+    }
+    for prefix in ["random"] {
+        if let (Some(n), Some(f)) = (find(rows, prefix, "nibble nf4"), find(rows, prefix, "nibble f32")) {
+            let r = n.prefill_tps / f.prefill_tps;
+            let frac = n.decode_tps / (bw_all / n.bytes_per_token.max(1) as f64);
+            let _ = writeln!(
+                s,
+                "- (1B, for reference) NF4 prefill {:.2}× f32; NF4 decode {:.0}% of its floor.",
+                r,
+                100.0 * frac
+            );
+        }
+    }
+    if let Some(q) = quant.first() {
+        let _ = writeln!(s, "- Quantization ≥ 1 GB/s of bf16 input on {} threads: {:.2} GB/s: {}", machine.threads, q.value, mark(q.value >= 1.0));
+    }
+    s
+}
+
+/// Replaces the `## Speed` section of `doc` (up to the next `## ` heading) with `report`, or
+/// appends it; other sections are kept as they are.
+fn update_doc(doc: &Path, report: &str) -> Result<()> {
+    let old = std::fs::read_to_string(doc).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+    let mut out = String::new();
+    let mut lines = old.lines().peekable();
+    let mut replaced = false;
+    while let Some(l) = lines.next() {
+        if l.trim_end() == "## Speed" && !replaced {
+            out.push_str(report.trim_end());
+            out.push_str("\n\n");
+            while lines.peek().is_some_and(|n| !n.starts_with("## ")) {
+                lines.next();
+            }
+            replaced = true;
+        } else {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    if !replaced {
+        if !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+        out.push_str(report.trim_end());
+        out.push('\n');
+    }
+    std::fs::write(doc, out.trim_end().to_string() + "\n").with_context(|| format!("writing {}", doc.display()))
+}

@@ -1,0 +1,135 @@
+//! Runs the built `nibble` binary on the tiny random model in `models/tiny-llama`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+/// The workspace root, found from this crate's folder so tests pass from any current directory.
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny_model() -> String {
+    workspace().join("models/tiny-llama").to_string_lossy().into_owned()
+}
+
+fn ppl_text() -> String {
+    workspace().join("tests/fixtures/ppl-text.txt").to_string_lossy().into_owned()
+}
+
+fn nibble(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nibble")).args(args).stdin(Stdio::null()).output().expect("run nibble")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The last number printed on stdout (the perplexity command prints its figure last).
+fn last_number(out: &Output) -> f64 {
+    let stdout = text(&out.stdout);
+    stdout
+        .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e'))
+        .rev()
+        .find_map(|w| w.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no number in stdout {stdout:?}; stderr {:?}", text(&out.stderr)))
+}
+
+fn perplexity(quant: &[&str]) -> f64 {
+    let model = tiny_model();
+    let file = ppl_text();
+    let mut args = vec!["perplexity", "--model", &model, "--file", &file];
+    args.extend_from_slice(quant);
+    let out = nibble(&args);
+    assert!(out.status.success(), "perplexity {quant:?} failed: {}", text(&out.stderr));
+    last_number(&out)
+}
+
+fn assert_close(got: f64, want: f64, what: &str) {
+    let rel = (got - want).abs() / want;
+    assert!(rel <= 1e-3, "{what}: perplexity {got} is {:.4}% off the reference {want}", rel * 100.0);
+}
+
+#[test]
+fn generate_greedy_exits_zero() {
+    let model = tiny_model();
+    let out = nibble(&[
+        "generate", "--model", &model, "--quant", "none", "--temperature", "0", "--max-tokens", "5", "--prompt", "hello",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("generated tokens"), "no statistics in stderr: {stderr}");
+    assert!(stderr.contains("bytes"), "no resident weight size in stderr: {stderr}");
+}
+
+#[test]
+fn perplexity_unquantized_matches_reference() {
+    assert_close(perplexity(&["--quant", "none"]), 734.894_653_320_312_5, "none");
+}
+
+#[test]
+fn perplexity_nf4_matches_reference() {
+    assert_close(perplexity(&["--quant", "nf4"]), 724.470_214_843_75, "nf4");
+}
+
+#[test]
+fn perplexity_int8_matches_reference() {
+    assert_close(perplexity(&["--quant", "int8"]), 733.853_942_871_093_8, "int8");
+}
+
+#[test]
+fn perplexity_nf4_double_quant_matches_reference() {
+    assert_close(perplexity(&["--quant", "nf4", "--double-quant"]), 723.837_951_660_156_2, "nf4 + double quant");
+}
+
+#[test]
+fn perplexity_fp4_matches_reference() {
+    assert_close(perplexity(&["--quant", "fp4"]), 750.108_825_683_593_8, "fp4");
+}
+
+#[test]
+fn chat_one_shot_prints_a_reply() {
+    let model = tiny_model();
+    let out = nibble(&["chat", "--model", &model, "--prompt", "hi", "--max-tokens", "4", "--temperature", "0"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(!out.stdout.is_empty(), "chat printed nothing");
+}
+
+#[test]
+fn chat_reads_turns_from_stdin_until_exit() {
+    let model = tiny_model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(["chat", "--model", &model, "--max-tokens", "4", "--temperature", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nibble");
+    // Lines after /exit must not be answered.
+    child.stdin.take().expect("stdin").write_all(b"hello\nhow are you\n/exit\nnot read\n").expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(!out.stdout.is_empty(), "chat printed nothing");
+    let turns = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("turns answered:"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no turn count in stderr: {stderr}"));
+    assert_eq!(turns, 2, "stderr: {stderr}");
+}
+
+#[test]
+fn missing_model_folder_is_an_error_naming_it() {
+    let out = nibble(&["generate", "--model", "/nonexistent", "--prompt", "hi"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("error:") && stderr.contains("/nonexistent"), "stderr: {stderr}");
+}
+
+#[test]
+fn unknown_quant_is_rejected_by_the_parser() {
+    let out = nibble(&["generate", "--quant", "int4", "--prompt", "hi"]);
+    assert_eq!(out.status.code(), Some(2), "clap exits 2 on usage errors");
+    assert!(text(&out.stderr).contains("int4"));
+}

@@ -1,0 +1,161 @@
+//! CPU kernels for quantized matrix products: fused 4-bit (NF4/FP4) matrix-vector and
+//! matrix-matrix products that read the packed nibbles and per-block scales directly, an int8
+//! matrix product for LLM.int8(), and the SIMD parts of the quantizers.
+//!
+//! Every kernel has a portable implementation and, where the CPU has them, an x86-64
+//! AVX2+FMA+F16C one and an aarch64 NEON one. [`Isa::detect`] picks the best supported one once
+//! per process (the environment variable `NIBBLE_KERNELS=portable|avx2|neon` can force a
+//! supported one, for comparisons); the `*_with` functions take an explicit [`Isa`] so tests can
+//! compare every path on the same input.
+//!
+//! # 4-bit semantics
+//!
+//! bitsandbytes computes a 4-bit layer on the CPU as "dequantize into the checkpoint's dtype, cast
+//! to the compute dtype, multiply". The fused kernels reproduce the weight values exactly: each
+//! weight is `code[nibble] * absmax[block]` in f32, rounded to the weight precision and then to the
+//! compute precision ([`Rounding`]). Because a block has only 16 distinct values, the kernels
+//! build that 16-entry table once per block and look weights up in it, so the rounding costs
+//! nothing per weight. Products are accumulated in f32; only the order of the additions differs
+//! from a reference matmul, so results agree within f32 rounding of the sum (`~in * 2^-24 *
+//! sum |w x|`).
+//!
+//! # Int8 semantics
+//!
+//! Integer products and sums are exact, so [`int8_matmul_i32`] equals the scalar definition bit for
+//! bit whatever the order (sums wrap on i32 overflow like bitsandbytes' int32 accumulator).
+
+mod four_bit;
+mod int8;
+pub(crate) mod quant;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+use std::sync::OnceLock;
+
+pub use four_bit::{matmul_4bit, matmul_4bit_with, Matrix4bit, Precision, Rounding};
+pub use int8::{int8_matmul_i32, int8_matmul_i32_with};
+pub use quant::{int8_vectorwise_quant_with, quantize_4bit_with};
+
+use nibble_core::{Error, Result};
+
+/// An instruction set a kernel can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Plain Rust, no intrinsics (what the compiler auto-vectorizes for the build target).
+    Portable,
+    /// x86-64 with AVX2, FMA and F16C (Haswell / Zen and later).
+    Avx2,
+    /// aarch64 Advanced SIMD (every aarch64 CPU has it).
+    Neon,
+}
+
+impl Isa {
+    /// Every variant, best last.
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Neon];
+
+    /// Whether this CPU can run the kernels of `self` (checked at run time).
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            Isa::Avx2 => avx2_supported(),
+            Isa::Neon => neon_supported(),
+        }
+    }
+
+    /// The instruction sets this CPU supports, portable first.
+    pub fn supported() -> Vec<Isa> {
+        Self::ALL.into_iter().filter(|i| i.is_supported()).collect()
+    }
+
+    /// The instruction set the kernels use by default: the best one this CPU supports, unless
+    /// `NIBBLE_KERNELS` names another supported one. Detected once per process.
+    pub fn detect() -> Isa {
+        static DETECTED: OnceLock<Isa> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let best = if Isa::Avx2.is_supported() {
+                Isa::Avx2
+            } else if Isa::Neon.is_supported() {
+                Isa::Neon
+            } else {
+                Isa::Portable
+            };
+            match std::env::var("NIBBLE_KERNELS") {
+                Ok(name) => match Isa::parse(&name) {
+                    Some(isa) if isa.is_supported() => isa,
+                    _ => {
+                        tracing::warn!("NIBBLE_KERNELS={name} is not a kernel set this CPU supports; using {best:?}");
+                        best
+                    }
+                },
+                Err(_) => best,
+            }
+        })
+    }
+
+    /// Parses `portable`, `avx2` or `neon` (any case).
+    pub fn parse(name: &str) -> Option<Isa> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "portable" | "scalar" => Some(Isa::Portable),
+            "avx2" => Some(Isa::Avx2),
+            "neon" => Some(Isa::Neon),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name, as [`Isa::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Neon => "neon",
+        }
+    }
+
+    /// An error unless this CPU supports `self`; every `*_with` entry point checks this, which is
+    /// what makes their `unsafe` SIMD calls sound.
+    pub(crate) fn check(self) -> Result<()> {
+        if self.is_supported() {
+            Ok(())
+        } else {
+            Err(Error::invalid_argument("isa", format!("this CPU cannot run the {} kernels", self.name())))
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_supported() -> bool {
+    // The AVX2 kernels also use FMA (every product) and F16C (f16 rounding and conversion).
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_supported() -> bool {
+    false
+}
+
+#[cfg(target_arch = "aarch64")]
+fn neon_supported() -> bool {
+    std::arch::is_aarch64_feature_detected!("neon")
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn neon_supported() -> bool {
+    false
+}
+
+/// Rayon tasks should each get at least this many multiply-adds, so that scheduling stays a small
+/// fraction of the work even for the small matrices of a 100M-parameter model.
+pub(crate) const MIN_MACS_PER_TASK: usize = 64 * 1024;
+
+/// How many pieces to split `n` units of work into: about four per thread (so uneven finishing
+/// times even out), but no piece under `min_unit` units.
+pub(crate) fn chunk_len(n: usize, min_unit: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    n.div_ceil(threads * 4).max(min_unit).max(1)
+}

@@ -1,0 +1,485 @@
+//! The CPU kernels against their definitions.
+//!
+//! - Fused 4-bit products equal "dequantize with `functional::dequantize_4bit`, round to the
+//!   compute dtype, multiply in f64" within float rounding. Tolerance, per output:
+//!   `|y - y_ref| <= in * 2^-24 * sum_k |w_k x_k| + u_out * |y_ref|`, the standard bound for
+//!   f32 summation of `in` products in any order (each product and partial sum rounded once),
+//!   plus one rounding of the output to the compute dtype (`u_out` = 2^-8 for bf16, 2^-11 for
+//!   f16, 0 for f32).
+//! - Every SIMD path the CPU supports equals the portable path: within the same bound for the
+//!   fused f32 products (their summation orders differ), bit for bit for int8 products and for
+//!   the quantizers.
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+use nibble_quant::functional::{dequantize_4bit, int8_vectorwise_quant, quantize_4bit, Element, Packed4bit, QuantType};
+use nibble_quant::kernels::{
+    int8_matmul_i32_with, int8_vectorwise_quant_with, matmul_4bit_with, quantize_4bit_with, Isa, Matrix4bit,
+    Precision, Rounding,
+};
+use nibble_quant::linear::LinearStorage;
+use nibble_quant::{Linear4bit, Linear8bit, QuantLinear};
+
+/// splitmix64: small, seeded, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len())]
+    }
+    /// Uniform in [-1, 1), times a per-call scale so blocks have different absmax.
+    fn f32(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+}
+
+const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::F16, Precision::Bf16];
+
+fn out_unit(p: Precision) -> f64 {
+    match p {
+        Precision::F32 => 0.0,
+        Precision::F16 => 2f64.powi(-11),
+        Precision::Bf16 => 2f64.powi(-8),
+    }
+}
+
+fn quantize_as(w: &[f32], p: Precision, bs: usize, qt: QuantType, dq: bool) -> Packed4bit {
+    match p {
+        Precision::F32 => quantize_4bit(w, bs, qt, dq).unwrap(),
+        Precision::F16 => quantize_4bit(&w.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), bs, qt, dq).unwrap(),
+        Precision::Bf16 => quantize_4bit(&w.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), bs, qt, dq).unwrap(),
+    }
+}
+
+/// bnb's reference weight: `dequantize_4bit` into the weight dtype, then cast to the compute dtype.
+fn reference_weight(q: &Packed4bit, r: Rounding) -> Vec<f64> {
+    let w: Vec<f32> = match r.weight {
+        Precision::F32 => dequantize_4bit::<f32>(q).unwrap(),
+        Precision::F16 => dequantize_4bit::<f16>(q).unwrap().iter().map(|v| v.to_f32()).collect(),
+        Precision::Bf16 => dequantize_4bit::<bf16>(q).unwrap().iter().map(|v| v.to_f32()).collect(),
+    };
+    w.iter().map(|&v| f64::from(r.compute.round(v))).collect()
+}
+
+/// Checks `y` (`[rows, out]`) against the f64 product, with the tolerance of the module docs.
+#[allow(clippy::too_many_arguments)]
+fn check_close(what: &str, y: &[f32], w: &[f64], x: &[f32], rows: usize, n_out: usize, n_in: usize, out_p: Precision) {
+    let gamma = n_in as f64 * 2f64.powi(-24);
+    let mut worst = 0.0f64;
+    for r in 0..rows {
+        for o in 0..n_out {
+            let (mut s, mut abs) = (0.0f64, 0.0f64);
+            for k in 0..n_in {
+                let p = w[o * n_in + k] * f64::from(x[r * n_in + k]);
+                s += p;
+                abs += p.abs();
+            }
+            let got = f64::from(y[r * n_out + o]);
+            let tol = gamma * abs + out_unit(out_p) * s.abs() + 1e-30;
+            let err = (got - s).abs();
+            assert!(err <= tol, "{what}: row {r} out {o}: got {got}, want {s} (err {err:e} > tol {tol:e})");
+            worst = worst.max(err / tol);
+        }
+    }
+    assert!(worst.is_finite(), "{what}");
+}
+
+struct Case {
+    n_out: usize,
+    n_in: usize,
+    bs: usize,
+    qt: QuantType,
+    dq: bool,
+    rounding: Rounding,
+    rows: usize,
+}
+
+fn random_case(rng: &mut Rng) -> Case {
+    // Widths around the block, SIMD (8, 16, 32) and model sizes, plus odd ones where rows start
+    // mid-byte and blocks straddle rows.
+    let ins = [1, 3, 7, 8, 15, 31, 32, 33, 48, 63, 64, 65, 96, 100, 127, 160, 200, 256, 320, 576, 1000, 1536];
+    let outs = [1, 2, 3, 5, 8, 16, 17, 31, 33, 48, 64, 100];
+    let rows = [1, 1, 2, 3, 4, 5, 7, 13, 32];
+    Case {
+        n_out: rng.pick(&outs),
+        n_in: rng.pick(&ins),
+        bs: rng.pick(&BLOCKSIZES),
+        qt: rng.pick(&[QuantType::Nf4, QuantType::Fp4]),
+        dq: rng.below(2) == 1,
+        rounding: Rounding { weight: rng.pick(&PRECISIONS), compute: rng.pick(&PRECISIONS) },
+        rows: rng.pick(&rows),
+    }
+}
+
+#[test]
+fn fused_4bit_matches_dequantize_then_matmul() {
+    let mut rng = Rng(7);
+    for i in 0..400 {
+        let c = random_case(&mut rng);
+        let scale = 0.05 + rng.f32().abs();
+        let w = rng.vec(c.n_out * c.n_in, scale);
+        let q = quantize_as(&w, c.rounding.weight, c.bs, c.qt, c.dq);
+        let absmax = q.absmax.try_to_f32().unwrap();
+        let m = Matrix4bit::new(&q.packed, &absmax, c.n_out, c.n_in, c.bs, c.qt, c.rounding).unwrap();
+        let x: Vec<f32> = rng.vec(c.rows * c.n_in, 2.0).into_iter().map(|v| c.rounding.compute.round(v)).collect();
+        let w_ref = reference_weight(&q, c.rounding);
+        for isa in Isa::supported() {
+            let y = matmul_4bit_with(isa, &m, &x, c.rows).unwrap();
+            let what = format!(
+                "case {i} {isa:?} [{}, {}] bs {} {:?} dq {} {:?} rows {}",
+                c.n_out, c.n_in, c.bs, c.qt, c.dq, c.rounding, c.rows
+            );
+            check_close(&what, &y, &w_ref, &x, c.rows, c.n_out, c.n_in, Precision::F32);
+        }
+    }
+}
+
+#[test]
+fn simd_4bit_paths_match_portable() {
+    let simd: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i != Isa::Portable).collect();
+    if simd.is_empty() {
+        eprintln!("no SIMD kernels on this CPU; nothing to compare");
+        return;
+    }
+    let mut rng = Rng(11);
+    // Model-like shapes (rows a multiple of 32: the fast SIMD layout) and a few odd ones.
+    let shapes = [(64, 576), (192, 576), (96, 1536), (40, 2048), (33, 100), (17, 65), (8, 4096)];
+    for (n_out, n_in) in shapes {
+        for bs in [32, 64, 128, 4096] {
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                for rounding in [
+                    Rounding::NONE,
+                    Rounding { weight: Precision::Bf16, compute: Precision::F32 },
+                    Rounding { weight: Precision::F16, compute: Precision::F32 },
+                    Rounding { weight: Precision::Bf16, compute: Precision::F16 },
+                    Rounding { weight: Precision::F32, compute: Precision::Bf16 },
+                ] {
+                    let w = rng.vec(n_out * n_in, 0.3);
+                    let q = quantize_as(&w, rounding.weight, bs, qt, bs == 64);
+                    let absmax = q.absmax.try_to_f32().unwrap();
+                    let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, bs, qt, rounding).unwrap();
+                    let w_port = reference_weight(&q, rounding);
+                    for rows in [1, 2, 9] {
+                        let x = rng.vec(rows * n_in, 1.0);
+                        let want = matmul_4bit_with(Isa::Portable, &m, &x, rows).unwrap();
+                        for &isa in &simd {
+                            let got = matmul_4bit_with(isa, &m, &x, rows).unwrap();
+                            // Both within the rounding bound of the exact product; compare them
+                            // to each other through it (twice the bound).
+                            let gamma = 2.0 * n_in as f64 * 2f64.powi(-24);
+                            for r in 0..rows {
+                                for o in 0..n_out {
+                                    let abs: f64 = (0..n_in)
+                                        .map(|k| (w_port[o * n_in + k] * f64::from(x[r * n_in + k])).abs())
+                                        .sum();
+                                    let (g, p) = (got[r * n_out + o], want[r * n_out + o]);
+                                    assert!(
+                                        f64::from((g - p).abs()) <= gamma * abs + 1e-30,
+                                        "{isa:?} vs portable [{n_out}, {n_in}] bs {bs} {qt:?} {rounding:?} rows {rows}: {g} vs {p}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_4bit_handles_special_scales() {
+    // A NaN block and an all-zero block: the fused product sees what dequantize sees.
+    let (n_out, n_in) = (4, 64);
+    let mut w = Rng(3).vec(n_out * n_in, 1.0);
+    w[5] = f32::NAN;
+    w[64..128].fill(0.0);
+    let q = quantize_4bit(&w, 64, QuantType::Nf4, false).unwrap();
+    let absmax = q.absmax.try_to_f32().unwrap();
+    let x = vec![1.0f32; n_in];
+    for isa in Isa::supported() {
+        let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, 64, QuantType::Nf4, Rounding::NONE).unwrap();
+        let y = matmul_4bit_with(isa, &m, &x, 1).unwrap();
+        assert!(y[0].is_nan(), "{isa:?}");
+        assert_eq!(y[1], 0.0, "{isa:?}");
+        assert!(y[2].is_finite() && y[3].is_finite(), "{isa:?}");
+    }
+}
+
+fn tensor_of(v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+#[test]
+fn linear4bit_forward_all_activation_dtypes() {
+    let mut rng = Rng(5);
+    for (n_out, n_in, bs) in [(48, 576, 64), (30, 200, 128), (7, 33, 32), (64, 256, 4096)] {
+        for wdt in [DType::F32, DType::F16, DType::BF16] {
+            for cdt in [DType::F32, DType::F16, DType::BF16] {
+                for (qt, dq) in [(QuantType::Nf4, false), (QuantType::Nf4, true), (QuantType::Fp4, true)] {
+                    let wv = rng.vec(n_out * n_in, 0.2);
+                    let weight = tensor_of(&wv, &[n_out, n_in], wdt);
+                    let layer = Linear4bit::quantize(&weight, qt, bs, dq, cdt, &Device::Cpu).unwrap();
+                    let r = Rounding {
+                        weight: Precision::from_dtype(wdt).unwrap(),
+                        compute: Precision::from_dtype(cdt).unwrap(),
+                    };
+                    let LinearStorage::FourBit(q, _) = layer.storage() else { panic!("4-bit storage") };
+                    let w_ref = reference_weight(q, r);
+                    for lead in [vec![1, 1], vec![2, 5], vec![1, 19]] {
+                        let rows: usize = lead.iter().product();
+                        let xv = rng.vec(rows * n_in, 1.0);
+                        let mut shape = lead.clone();
+                        shape.push(n_in);
+                        let x = tensor_of(&xv, &shape, cdt);
+                        let y = layer.forward(&x).unwrap();
+                        let mut want_shape = lead.clone();
+                        want_shape.push(n_out);
+                        assert_eq!(y.dims(), want_shape.as_slice());
+                        assert_eq!(y.dtype(), cdt);
+                        let yv: Vec<f32> = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        let xr: Vec<f32> = x.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        let what = format!("[{n_out}, {n_in}] bs {bs} {wdt:?}->{cdt:?} {qt:?} dq {dq} lead {lead:?}");
+                        check_close(&what, &yv, &w_ref, &xr, rows, n_out, n_in, r.compute);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The LLM.int8() forward pass as it was written before the SIMD kernel (scalar i32 dot
+/// products), to check the layer still gives the same f16 bits.
+fn int8_forward_scalar(cb: &[i8], scb: &[f32], n_out: usize, n_in: usize, x16: &[f16], rows: usize, threshold: f32) -> Vec<f16> {
+    const INT8_MM_SCALE: f32 = 6.200_124e-5;
+    let inv127 = nibble_quant::functional::INV_127;
+    let qa = int8_vectorwise_quant(x16, rows, n_in, threshold).unwrap();
+    let cols = qa.outlier_cols.clone().unwrap_or_default();
+    let mut out = vec![f16::ZERO; rows * n_out];
+    for r in 0..rows {
+        for o in 0..n_out {
+            let a = &qa.cb[r * n_in..(r + 1) * n_in];
+            let w = &cb[o * n_in..(o + 1) * n_in];
+            let acc: i32 = a.iter().zip(w).fold(0i32, |s, (&p, &q)| s.wrapping_add(i32::from(p) * i32::from(q)));
+            let main = f16::from_f32(acc as f32 * (qa.scb[r] * scb[o]) * INT8_MM_SCALE);
+            out[r * n_out + o] = if cols.is_empty() {
+                main
+            } else {
+                let extra: f32 = cols
+                    .iter()
+                    .map(|&c| {
+                        let b = f16::from_f32((f32::from(w[c]) * scb[o]) * inv127).to_f32();
+                        x16[r * n_in + c].to_f32() * b
+                    })
+                    .sum();
+                f16::from_f32(main.to_f32() + extra)
+            };
+        }
+    }
+    out
+}
+
+#[test]
+fn linear8bit_forward_is_unchanged() {
+    let mut rng = Rng(9);
+    for (n_out, n_in) in [(40, 576), (17, 33), (64, 100), (5, 1536)] {
+        let wv = rng.vec(n_out * n_in, 0.1);
+        let weight = tensor_of(&wv, &[n_out, n_in], DType::BF16);
+        for threshold in [0.0f32, 6.0] {
+            let layer = Linear8bit::quantize(&weight, threshold, DType::F32, &Device::Cpu).unwrap();
+            let LinearStorage::Int8 { cb, scb } = layer.storage() else { panic!("int8 storage") };
+            for rows in [1usize, 3, 12] {
+                let mut xv = rng.vec(rows * n_in, 3.0);
+                // A few outliers in two columns.
+                xv[n_in / 2] = 9.0;
+                if rows > 1 {
+                    xv[n_in + n_in / 3] = -12.0;
+                }
+                let x16: Vec<f16> = xv.iter().map(|&v| f16::from_f32(v)).collect();
+                let want = int8_forward_scalar(cb, scb, n_out, n_in, &x16, rows, threshold);
+                let x = Tensor::from_vec(x16.clone(), (rows, n_in), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+                let y = layer.forward(&x).unwrap();
+                let got: Vec<f16> = y.to_dtype(DType::F16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let (gb, wb): (Vec<u16>, Vec<u16>) =
+                    (got.iter().map(|v| v.to_bits()).collect(), want.iter().map(|v| v.to_bits()).collect());
+                assert_eq!(gb, wb, "[{n_out}, {n_in}] threshold {threshold} rows {rows}");
+            }
+        }
+    }
+}
+
+#[test]
+fn int8_matmul_paths_are_bit_identical() {
+    let mut rng = Rng(13);
+    for (rows, n_out, k) in [(1, 64, 576), (1, 33, 31), (3, 17, 100), (12, 40, 1536), (5, 9, 7), (1, 1, 1)] {
+        for with_min in [false, true] {
+            let mut a: Vec<i8> = (0..rows * k).map(|_| (rng.below(255) as i32 - 127) as i8).collect();
+            let w: Vec<i8> = (0..n_out * k).map(|_| (rng.below(256) as i32 - 128) as i8).collect();
+            if with_min {
+                a[0] = i8::MIN;
+            }
+            let want: Vec<i32> = (0..rows)
+                .flat_map(|r| {
+                    let (a, w) = (&a, &w);
+                    (0..n_out).map(move |o| {
+                        (0..k).fold(0i32, |s, i| s.wrapping_add(i32::from(a[r * k + i]) * i32::from(w[o * k + i])))
+                    })
+                })
+                .collect();
+            for isa in Isa::supported() {
+                let got = int8_matmul_i32_with(isa, &a, rows, &w, n_out, k).unwrap();
+                assert_eq!(got, want, "{isa:?} rows {rows} out {n_out} k {k} min {with_min}");
+            }
+        }
+    }
+    assert!(int8_matmul_i32_with(Isa::Portable, &[1, 2, 3], 2, &[1, 2], 1, 2).is_err());
+}
+
+fn special_values(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    let mut v = rng.vec(n, scale);
+    // Exact zeros, a zero run, huge and tiny values; NaN only sometimes (it poisons a block).
+    for i in (0..n).step_by(37) {
+        v[i] = 0.0;
+    }
+    if n > 300 {
+        v[200..300].fill(0.0);
+        v[17] = 3.0e30;
+        v[18] = -1.0e-30;
+    }
+    if rng.below(3) == 0 && n > 0 {
+        let i = rng.below(n);
+        v[i] = f32::NAN;
+    }
+    v
+}
+
+fn assert_same_quant4<T: Element>(x: &[T], what: &str) {
+    for bs in BLOCKSIZES {
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            for dq in [false, true] {
+                let want = quantize_4bit_with(Isa::Portable, x, bs, qt, dq).unwrap();
+                for isa in Isa::supported() {
+                    let got = quantize_4bit_with(isa, x, bs, qt, dq).unwrap();
+                    assert!(got.packed == want.packed, "{what} {isa:?} bs {bs} {qt:?} dq {dq}: codes differ");
+                    // NaN != NaN, so compare scales bit for bit.
+                    let bits = |q: &Packed4bit| q.absmax.to_f32().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{what} {isa:?} bs {bs} {qt:?} dq {dq}: absmax differs");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_4bit_paths_are_bit_identical() {
+    let mut rng = Rng(17);
+    for n in [1usize, 31, 32, 33, 64, 65, 127, 1000, 4097, 20_000] {
+        let scale = 1.0 + rng.f32().abs() * 10.0;
+        let v = special_values(&mut rng, n, scale);
+        assert_same_quant4(&v, &format!("f32 n={n}"));
+        assert_same_quant4(&v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(), &format!("f16 n={n}"));
+        assert_same_quant4(&v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(), &format!("bf16 n={n}"));
+    }
+    // Values exactly on the midpoints of the code book (times the block absmax of 1), where
+    // bucketize takes the lower code.
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let book = nibble_quant::functional::code_book(qt);
+        let mut sorted = book.to_vec();
+        sorted.sort_by(f32::total_cmp);
+        let mut v: Vec<f32> = sorted.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        v.push(1.0);
+        v.resize(64, 0.25);
+        assert_same_quant4(&v, &format!("{qt:?} midpoints"));
+    }
+}
+
+#[test]
+fn int8_quant_paths_are_bit_identical() {
+    let mut rng = Rng(19);
+    for (rows, cols) in [(1, 576), (3, 33), (7, 100), (16, 2048), (2, 7)] {
+        for threshold in [0.0f32, 6.0, 0.5] {
+            let mut v = special_values(&mut rng, rows * cols, 8.0);
+            if rows > 2 {
+                // An all-zero row and an infinite value.
+                v[cols..2 * cols].fill(0.0);
+                v[2 * cols + 1] = f32::INFINITY;
+            }
+            let x: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            let want = int8_vectorwise_quant_with(Isa::Portable, &x, rows, cols, threshold).unwrap();
+            for isa in Isa::supported() {
+                let got = int8_vectorwise_quant_with(isa, &x, rows, cols, threshold).unwrap();
+                assert_eq!(got.cb, want.cb, "{isa:?} [{rows}, {cols}] th {threshold}");
+                assert_eq!(got.outlier_cols, want.outlier_cols, "{isa:?} [{rows}, {cols}] th {threshold}");
+                let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.scb), bits(&want.scb), "{isa:?} [{rows}, {cols}] th {threshold}");
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_isa_is_an_error() {
+    for isa in Isa::ALL {
+        if !isa.is_supported() {
+            assert!(quantize_4bit_with(isa, &[1.0f32; 64], 64, QuantType::Nf4, false).is_err());
+            assert!(int8_matmul_i32_with(isa, &[1], 1, &[1], 1, 1).is_err());
+        }
+    }
+    assert_eq!(Isa::parse("AVX2"), Some(Isa::Avx2));
+    assert_eq!(Isa::parse("portable"), Some(Isa::Portable));
+    assert_eq!(Isa::parse("sse"), None);
+    assert!(Isa::detect().is_supported());
+}
+
+#[test]
+#[ignore]
+fn zz_probe() {
+    use std::time::Instant;
+    let (n_out, n_in) = (5632usize, 2048usize);
+    let mut rng = Rng(1);
+    let w = rng.vec(n_out * n_in, 0.05);
+    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let q = quantize_4bit(&wb, 64, QuantType::Nf4, false).unwrap();
+    let absmax = q.absmax.to_f32();
+    let wp = match std::env::var("WP").as_deref() { Ok("f32") => Precision::F32, Ok("f16") => Precision::F16, _ => Precision::Bf16 };
+    let r = Rounding { weight: wp, compute: Precision::F32 };
+    let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, 64, QuantType::Nf4, r).unwrap();
+    let cpu = || {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    };
+    let rows: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let isa = Isa::parse(&std::env::var("ISA").unwrap_or("avx2".into())).unwrap();
+    let x1 = rng.vec(n_in * rows, 1.0);
+    let n = (2000 / rows).max(3);
+    let c0 = cpu();
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(matmul_4bit_with(isa, &m, &x1, rows).unwrap());
+    }
+    let c1 = cpu();
+    let wall = t.elapsed().as_secs_f64() / n as f64;
+    let cpu_s = (c1 - c0) / n as f64;
+    eprintln!(
+        "rows {rows}: {:.3} ms wall, {:.3} ms cpu; {:.2} GB/s packed per cpu-second; {:.1} GFLOP/s per cpu",
+        wall * 1e3,
+        cpu_s * 1e3,
+        (q.packed.len() + 4 * absmax.len()) as f64 / cpu_s / 1e9,
+        2.0 * (rows * n_out * n_in) as f64 / cpu_s / 1e9
+    );
+}

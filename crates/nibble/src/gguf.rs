@@ -1,0 +1,285 @@
+//! GGUF as a source format: loading a `.gguf` file directly, and importing it to a Hugging Face
+//! folder ([`import_gguf`]).
+//!
+//! Both paths read the weights the same way: dequantized by candle, Q and K un-permuted back to
+//! the Hugging Face layout, and rounded to bf16 (to nearest even). The folder stores those bf16
+//! values; the direct load quantizes them (or keeps them dense) exactly as it would the folder's.
+//! So loading the GGUF and loading the folder imported from it give the same logits, bit for bit,
+//! with any `BitsAndBytesConfig`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use indicatif::ProgressBar;
+use nibble_core::{Error, Result};
+use nibble_llama::{Llama, WeightProvider};
+use nibble_load::gguf::llama_tensor_shapes;
+use nibble_load::{GenerationConfig, GgufFile, GgufTokenizer, LlamaConfig, RopeScaling};
+use nibble_quant::{BitsAndBytesConfig, QuantLinear};
+use safetensors::tensor::Dtype;
+use serde_json::{json, Map, Value};
+
+use crate::model::{placement, progress_bar};
+use crate::provider::quantize_or_dense;
+use crate::save::Owned;
+use crate::source::Source;
+use crate::{LoadOptions, Model};
+
+/// Supplies layers from a GGUF file, quantizing per `quant`.
+struct GgufProvider<'a> {
+    gguf: &'a GgufFile,
+    quant: &'a BitsAndBytesConfig,
+    compute: candle_core::DType,
+    progress: ProgressBar,
+}
+
+impl WeightProvider for GgufProvider<'_> {
+    fn linear(
+        &mut self,
+        name: &str,
+        weight_name: &str,
+        out_features: usize,
+        in_features: usize,
+        device: &Device,
+    ) -> Result<Box<dyn QuantLinear>> {
+        self.progress.set_message(name.to_string());
+        // bf16 on the host, as the imported folder's safetensors would hand it over.
+        let w = self.gguf.tensor_bf16(weight_name, &[out_features, in_features])?;
+        let layer = quantize_or_dense(name, &w, self.quant, self.compute, device)?;
+        self.progress.inc(1);
+        Ok(layer)
+    }
+
+    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(self.gguf.tensor_bf16(name, shape)?.to_device(device)?.to_dtype(self.compute)?)
+    }
+}
+
+/// What `generation_config.json` of the imported folder says, and what a direct load uses.
+fn generation_config(tok: &GgufTokenizer) -> GenerationConfig {
+    GenerationConfig {
+        eos_token_ids: tok.eos_token_id.into_iter().collect(),
+        bos_token_id: tok.bos_token_id,
+        ..GenerationConfig::default()
+    }
+}
+
+/// Loads a GGUF file; see [`crate::from_pretrained`].
+pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant) -> Result<Model> {
+    let gguf = GgufFile::open(path)?;
+    let cfg = gguf.config()?;
+    // A GGUF has no bitsandbytes config of its own: the caller's applies as is.
+    let quant = opts.quant.clone();
+    let compute = quant.bnb_4bit_compute_dtype.dtype();
+    let placement = placement(&cfg, opts)?;
+    let tok = GgufTokenizer::from_gguf(&gguf)?;
+    let tokenizer = tok.text_tokenizer(path)?;
+    let generation = generation_config(&tok);
+    let mut eos_ids = generation.eos_token_ids.clone();
+    eos_ids.dedup();
+
+    let linears = 7 * cfg.num_hidden_layers as u64 + 1;
+    let mut provider = GgufProvider {
+        gguf: &gguf,
+        quant: &quant,
+        compute,
+        progress: progress_bar(linears, opts.progress && quant.is_quantized()),
+    };
+    let llama = Llama::load(&cfg, placement, compute, &mut provider)?;
+    provider.progress.finish_and_clear();
+    tracing::info!(
+        "loaded {} ({} layers, {:?}) in {:.2}s, {} weight bytes resident",
+        path.display(),
+        cfg.num_hidden_layers,
+        quant.method(),
+        started.elapsed().as_secs_f64(),
+        llama.resident_weight_bytes()
+    );
+    Ok(Model {
+        llama,
+        tokenizer: Some(tokenizer),
+        generation,
+        eos_ids,
+        quant,
+        source: Source::Gguf(path.to_path_buf()),
+    })
+}
+
+/// A transformers `config.json` (`LlamaForCausalLM`, the 4.x field names, which 5.x reads too)
+/// for `cfg`, with weights stored as `dtype`.
+pub(crate) fn hf_config(cfg: &LlamaConfig, dtype: &str) -> Value {
+    let rope_scaling = match &cfg.rope_scaling {
+        RopeScaling::Default => Value::Null,
+        RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+    };
+    let eos = match cfg.eos_token_ids.as_slice() {
+        [] => Value::Null,
+        [one] => Value::from(*one),
+        many => Value::from(many.to_vec()),
+    };
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "mlp_bias": false,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "pretraining_tp": 1,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_scaling": rope_scaling,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": dtype,
+        "use_cache": true,
+        "vocab_size": cfg.vocab_size,
+    })
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::InvalidConfig {
+        path: path.to_path_buf(),
+        field: "<root>".into(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// Writes `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` of the GGUF
+/// tokenizer `tok` into `dir`.
+fn write_tokenizer_files(tok: &GgufTokenizer, source: &Path, dir: &Path) -> Result<()> {
+    let tokenizer_json = dir.join("tokenizer.json");
+    // Serialized by the tokenizers crate itself, so the file is what it reads back.
+    let text = tok
+        .build(source)?
+        .to_string(true)
+        .map_err(|e| Error::Tokenizer { path: tokenizer_json.clone(), reason: e.to_string() })?;
+    std::fs::write(&tokenizer_json, text).map_err(|e| Error::io(&tokenizer_json, e))?;
+    write_json(&dir.join("tokenizer_config.json"), &tok.tokenizer_config())?;
+    let mut generation = Map::new();
+    if let Some(id) = tok.bos_token_id {
+        generation.insert("bos_token_id".into(), Value::from(id));
+    }
+    if let Some(id) = tok.eos_token_id {
+        generation.insert("eos_token_id".into(), Value::from(id));
+    }
+    if let Some(id) = tok.pad_token_id {
+        generation.insert("pad_token_id".into(), Value::from(id));
+    }
+    write_json(&dir.join("generation_config.json"), &Value::Object(generation))
+}
+
+/// The tokenizer and generation files of the GGUF file at `source`, written into `dir` (for
+/// `save_pretrained` of a model loaded from a GGUF file).
+pub(crate) fn write_side_files(source: &Path, dir: &Path) -> Result<()> {
+    let gguf = GgufFile::open(source)?;
+    write_tokenizer_files(&GgufTokenizer::from_gguf(&gguf)?, source, dir)
+}
+
+/// Removes a half-written folder unless the write completed.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            // Best effort: the error being returned matters more than a failed cleanup.
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Writes a Hugging Face folder at `out_dir` from the GGUF file `file`: `config.json`
+/// (`LlamaForCausalLM`, `torch_dtype` bfloat16), `model.safetensors` (every weight dequantized,
+/// Q and K un-permuted, rounded to bf16 to nearest even), `tokenizer.json`,
+/// `tokenizer_config.json` (special tokens, chat template) and `generation_config.json` (eos id).
+///
+/// The folder is written under a temporary name next to `out_dir` and renamed when complete, so
+/// `out_dir` either does not exist or holds a whole model. `out_dir` must not exist yet (an empty
+/// folder is replaced). Loading the result gives the same logits as loading `file` directly.
+pub fn import_gguf(file: impl AsRef<Path>, out_dir: impl AsRef<Path>) -> Result<()> {
+    let file = file.as_ref();
+    let out_dir = out_dir.as_ref();
+    // Everything that can be refused is checked before anything is written.
+    let gguf = GgufFile::open(file)?;
+    let cfg = gguf.config()?;
+    let tok = GgufTokenizer::from_gguf(&gguf)?;
+    tok.build(file)?;
+
+    let replace_empty = match std::fs::read_dir(out_dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(Error::invalid_argument(
+                    "out_dir",
+                    format!("{} already exists and is not empty; remove it or choose another folder", out_dir.display()),
+                ));
+            }
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) if out_dir.exists() => {
+            return Err(Error::invalid_argument(
+                "out_dir",
+                format!("{} exists and is not a readable folder: {e}", out_dir.display()),
+            ))
+        }
+        Err(e) => return Err(Error::io(out_dir, e)),
+    };
+    let name = out_dir
+        .file_name()
+        .ok_or_else(|| Error::invalid_argument("out_dir", format!("{} does not name a folder", out_dir.display())))?;
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp_path = parent.join(format!(".{}.import-{}.tmp", name.to_string_lossy(), std::process::id()));
+    if tmp_path.exists() {
+        std::fs::remove_dir_all(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+    }
+    std::fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+    let mut tmp = TempDir { path: tmp_path, keep: false };
+
+    let mut tensors: Vec<(String, Owned)> = Vec::new();
+    for (name, shape) in llama_tensor_shapes(&cfg) {
+        let t = gguf.tensor_bf16(&name, &shape)?;
+        let data = t.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push((name, Owned { dtype: Dtype::BF16, shape, data }));
+    }
+    let weights = tmp.path.join("model.safetensors");
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata, &weights)
+        .map_err(|e| Error::CorruptCheckpoint { path: weights.clone(), reason: format!("could not write: {e}") })?;
+    drop(tensors);
+
+    write_json(&tmp.path.join("config.json"), &hf_config(&cfg, "bfloat16"))?;
+    write_tokenizer_files(&tok, file, &tmp.path)?;
+
+    if replace_empty {
+        std::fs::remove_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    }
+    std::fs::rename(&tmp.path, out_dir).map_err(|e| Error::io(out_dir, e))?;
+    tmp.keep = true;
+    tracing::info!("imported {} to {}", file.display(), out_dir.display());
+    Ok(())
+}

