@@ -260,6 +260,9 @@ pub fn import_gguf(file: impl AsRef<Path>, out_dir: impl AsRef<Path>) -> Result<
     std::fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
     let mut tmp = TempDir { path: tmp_path, keep: false };
 
+    let config = tmp.path.join("config.json");
+    write_json(&config, &hf_config(&cfg, "bfloat16"))?;
+
     let mut tensors: Vec<(String, Owned)> = Vec::new();
     for (name, shape) in llama_tensor_shapes(&cfg) {
         let t = gguf.tensor_bf16(&name, &shape)?;
@@ -271,8 +274,10 @@ pub fn import_gguf(file: impl AsRef<Path>, out_dir: impl AsRef<Path>) -> Result<
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata, &weights)
         .map_err(|e| Error::CorruptCheckpoint { path: weights.clone(), reason: format!("could not write: {e}") })?;
     drop(tensors);
-
-    write_json(&tmp.path.join("config.json"), &hf_config(&cfg, "bfloat16"))?;
+    // The safetensors crate writes through a private (0600) temp file; give the weights the same
+    // permissions as the folder's other files, so whoever can read the config can read the model.
+    let perms = std::fs::metadata(&config).map_err(|e| Error::io(&config, e))?.permissions();
+    std::fs::set_permissions(&weights, perms).map_err(|e| Error::io(&weights, e))?;
     write_tokenizer_files(&tok, file, &tmp.path)?;
 
     if replace_empty {
