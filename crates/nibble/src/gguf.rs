@@ -14,14 +14,14 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use nibble_core::{Error, Result};
-use nibble_llama::{Llama, WeightProvider};
+use nibble_llama::WeightProvider;
 use nibble_load::gguf::llama_tensor_shapes;
 use nibble_load::{GenerationConfig, GgufFile, GgufTokenizer, LlamaConfig, RopeScaling};
 use nibble_quant::{BitsAndBytesConfig, QuantLinear};
 use safetensors::tensor::Dtype;
 use serde_json::{json, Map, Value};
 
-use crate::model::{placement, progress_bar};
+use crate::model::{build_llama, placement};
 use crate::provider::quantize_or_dense;
 use crate::save::Owned;
 use crate::source::Source;
@@ -80,23 +80,9 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant) -> Result<
     let mut eos_ids = generation.eos_token_ids.clone();
     eos_ids.dedup();
 
-    let linears = 7 * cfg.num_hidden_layers as u64 + 1;
-    let mut provider = GgufProvider {
-        gguf: &gguf,
-        quant: &quant,
-        compute,
-        progress: progress_bar(linears, opts.progress && quant.is_quantized()),
-    };
-    let llama = Llama::load(&cfg, placement, compute, &mut provider)?;
-    provider.progress.finish_and_clear();
-    tracing::info!(
-        "loaded {} ({} layers, {:?}) in {:.2}s, {} weight bytes resident",
-        path.display(),
-        cfg.num_hidden_layers,
-        quant.method(),
-        started.elapsed().as_secs_f64(),
-        llama.resident_weight_bytes()
-    );
+    let llama = build_llama(&cfg, &quant, placement, opts, &path.display().to_string(), started, |progress| {
+        GgufProvider { gguf: &gguf, quant: &quant, compute, progress }
+    })?;
     Ok(Model {
         llama,
         tokenizer: Some(tokenizer),

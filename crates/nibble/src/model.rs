@@ -5,7 +5,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use nibble_core::{Error, Result};
-use nibble_llama::{KvCache, Llama, Placement};
+use nibble_llama::{KvCache, Llama, Placement, WeightProvider};
 use nibble_load::{ChatMessage, GenerationConfig, LlamaConfig, ModelFiles, TextTokenizer, Weights};
 use nibble_quant::BitsAndBytesConfig;
 
@@ -59,6 +59,32 @@ pub(crate) fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+/// Builds the decoder through the provider `make` returns (handed the quantization progress
+/// bar), then logs what was loaded; shared by every source format.
+pub(crate) fn build_llama<P: WeightProvider>(
+    cfg: &LlamaConfig,
+    quant: &BitsAndBytesConfig,
+    placement: Placement,
+    opts: &LoadOptions,
+    name: &str,
+    started: Instant,
+    make: impl FnOnce(ProgressBar) -> P,
+) -> Result<Llama> {
+    let linears = 7 * cfg.num_hidden_layers as u64 + 1;
+    let bar = progress_bar(linears, opts.progress && quant.is_quantized());
+    let mut provider = make(bar.clone());
+    let llama = Llama::load(cfg, placement, quant.bnb_4bit_compute_dtype.dtype(), &mut provider)?;
+    bar.finish_and_clear();
+    tracing::info!(
+        "loaded {name} ({} layers, {:?}) in {:.2}s, {} weight bytes resident",
+        cfg.num_hidden_layers,
+        quant.method(),
+        started.elapsed().as_secs_f64(),
+        llama.resident_weight_bytes()
+    );
+    Ok(llama)
 }
 
 /// Where each part of the model goes: the planner checks every device's budget (weights, KV
@@ -125,23 +151,9 @@ impl Model {
         eos_ids.dedup();
 
         let weights = Weights::open(&files.weights)?;
-        let linears = 7 * cfg.num_hidden_layers as u64 + 1;
-        let mut provider = CheckpointProvider {
-            weights: &weights,
-            quant: &quant,
-            compute,
-            progress: progress_bar(linears, opts.progress && quant.is_quantized()),
-        };
-        let llama = Llama::load(&cfg, placement, compute, &mut provider)?;
-        provider.progress.finish_and_clear();
-        tracing::info!(
-            "loaded {} ({} layers, {:?}) in {:.2}s, {} weight bytes resident",
-            files.dir.display(),
-            cfg.num_hidden_layers,
-            quant.method(),
-            started.elapsed().as_secs_f64(),
-            llama.resident_weight_bytes()
-        );
+        let llama = build_llama(&cfg, &quant, placement, opts, &files.dir.display().to_string(), started, |progress| {
+            CheckpointProvider { weights: &weights, quant: &quant, compute, progress }
+        })?;
         Ok(Self { llama, tokenizer, generation, eos_ids, quant, source: Source::Folder(files) })
     }
 
