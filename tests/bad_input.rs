@@ -170,3 +170,29 @@ fn bad_token_ids_and_options() {
     bad.top_p = Some(1.5);
     assert!(matches!(model.generate(&[1], &bad, |_| {}), Err(Error::InvalidArgument { .. })));
 }
+
+/// Writes a safetensors file by hand: an 8-byte header length, the JSON header, then `data`.
+fn raw_safetensors(dir: &std::path::Path, header_len: u64, header: &str, data: &[u8]) {
+    let mut bytes = header_len.to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+}
+
+#[test]
+fn hostile_safetensors_headers() {
+    let dir = copy_model(&tiny_model());
+    // A header length far past the end of the file (and past safetensors' 100 MB cap).
+    raw_safetensors(dir.path(), u64::MAX / 2, "{}", &[]);
+    assert!(matches!(load(dir.path()), Err(Error::CorruptCheckpoint { .. })));
+    // A header length pointing past the end of a small file.
+    raw_safetensors(dir.path(), 4096, "{}", &[]);
+    assert!(matches!(load(dir.path()), Err(Error::CorruptCheckpoint { .. })));
+    // Offsets past the end of the data.
+    let h = r#"{"model.norm.weight":{"dtype":"F32","shape":[128],"data_offsets":[0,512]}}"#;
+    raw_safetensors(dir.path(), h.len() as u64, h, &[0u8; 16]);
+    assert!(matches!(load(dir.path()), Err(Error::CorruptCheckpoint { .. })));
+    // A header that is not JSON.
+    raw_safetensors(dir.path(), 5, "nope!", &[]);
+    assert!(matches!(load(dir.path()), Err(Error::CorruptCheckpoint { .. })));
+}

@@ -391,3 +391,16 @@ impl Error {
         Error::InvalidQuantConfig { field: field.into(), reason: reason.into() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_out_of_memory_is_typed() {
+        let e = Error::from_device("cuda:1", candle_core::Error::Msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into()));
+        assert!(matches!(e, Error::OutOfMemory { ref device, phase: OomPhase::RunTime, .. } if device == "cuda:1"));
+        let other = Error::from_device("cuda:1", candle_core::Error::Msg("shape mismatch".into()));
+        assert!(matches!(other, Error::Candle(_)));
+    }
+}
