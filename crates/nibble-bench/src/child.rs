@@ -15,7 +15,7 @@ use nibble::{BitsAndBytesConfig, ComputeDtype, DeviceMap, GenerateOptions, LoadO
 use nibble_quant::linear::LinearStorage;
 use serde::{Deserialize, Serialize};
 
-use crate::machine::vm_hwm;
+use crate::machine::{vm_hwm, AnonPeak};
 
 /// What to measure.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,8 +39,10 @@ pub struct Measured {
     pub load_s: f64,
     /// Seconds from the start of the load until the first generated token (8-token prompt).
     pub first_token_s: f64,
-    /// VmHWM right after the first token, bytes.
+    /// VmHWM right after the first token, bytes (includes the memory-mapped checkpoint's pages).
     pub peak_rss: u64,
+    /// Largest anonymous resident memory (RssAnon, sampled every 2 ms) up to the first token.
+    pub peak_anon: u64,
     /// Prompt tokens per second over a `prefill`-token prompt (best of up to two runs).
     pub prefill_tps: f64,
     /// Generated tokens per second after the first one.
@@ -96,6 +98,7 @@ fn run_nibble(spec: &Spec) -> Result<Measured> {
         ..LoadOptions::default()
     };
     let path = spec.path.to_str().context("model path is not UTF-8")?;
+    let anon = AnonPeak::start();
     let t0 = Instant::now();
     let model = Model::load(path, &opts)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -103,8 +106,9 @@ fn run_nibble(spec: &Spec) -> Result<Measured> {
     model.generate(&prompt(8, vocab), &greedy(1), |_| {})?;
     let first_token_s = t0.elapsed().as_secs_f64();
     let peak_rss = vm_hwm();
+    let peak_anon = anon.finish();
 
-    let mut m = Measured { load_s, first_token_s, peak_rss, ..Measured::default() };
+    let mut m = Measured { load_s, first_token_s, peak_rss, peak_anon, ..Measured::default() };
     let cfg = model.config();
     m.largest_f32 = (cfg.vocab_size * cfg.hidden_size * 4) as u64;
     for (_, l) in model.llama().linears() {
@@ -140,6 +144,7 @@ fn argmax(logits: &Tensor) -> Result<u32> {
 
 fn run_candle(spec: &Spec) -> Result<Measured> {
     let dev = Device::Cpu;
+    let anon = AnonPeak::start();
     let t0 = Instant::now();
     let mut file = File::open(&spec.path).with_context(|| format!("opening {}", spec.path.display()))?;
     let content = gguf_file::Content::read(&mut file)?;
@@ -167,6 +172,7 @@ fn run_candle(spec: &Spec) -> Result<Measured> {
     argmax(&model.forward(&Tensor::new(short.as_slice(), &dev)?.unsqueeze(0)?, 0)?)?;
     m.first_token_s = t0.elapsed().as_secs_f64();
     m.peak_rss = vm_hwm();
+    m.peak_anon = anon.finish();
 
     let long = prompt(spec.prefill, vocab);
     let mut best = f64::INFINITY;

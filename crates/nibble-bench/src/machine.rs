@@ -78,15 +78,56 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> (f64, f64) {
     (one, all)
 }
 
-/// Peak resident set size of this process so far (VmHWM), in bytes.
+/// Peak resident set size of this process so far (VmHWM, which counts the pages of memory-mapped
+/// files too), in bytes.
 pub fn vm_hwm() -> u64 {
+    status_bytes("VmHWM:")
+}
+
+/// A field of /proc/self/status in bytes (the kernel reports kB).
+pub fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kib| kib.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
+}
+
+/// Samples anonymous resident memory (RssAnon: heap, not the memory-mapped checkpoint) every
+/// 2 ms on a background thread and keeps the maximum, until dropped.
+pub struct AnonPeak {
+    max: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AnonPeak {
+    /// Starts sampling.
+    pub fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let max = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(status_bytes("RssAnon:")));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (m, st) = (max.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                m.fetch_max(status_bytes("RssAnon:"), Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        Self { max, stop, handle: Some(handle) }
+    }
+
+    /// Stops sampling and returns the largest RssAnon seen, in bytes.
+    pub fn finish(mut self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.max.fetch_max(status_bytes("RssAnon:"), Ordering::Relaxed).max(self.max.load(Ordering::Relaxed))
+    }
 }

@@ -158,23 +158,3 @@ pub fn kernels() -> Result<Vec<Line>> {
     Ok(out)
 }
 
-pub fn probe() -> Result<()> {
-    let (n_out, n_in) = (5632usize, 2048usize);
-    let w = random(n_out * n_in, 2);
-    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-    let q = quantize_4bit(&wb, 64, QuantType::Nf4, false)?;
-    let absmax = q.absmax.to_f32();
-    let r = Rounding { weight: Precision::Bf16, compute: Precision::F32 };
-    let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, 64, QuantType::Nf4, r)?;
-    let x1 = random(n_in, 3);
-    let cpu = || { let s = std::fs::read_to_string("/proc/self/stat").unwrap(); let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect(); (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0 };
-    let rows: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let x1 = random(n_in * rows, 3);
-    let n = 2000 / rows.min(1000);
-    let c0 = cpu();
-    let t = Instant::now();
-    for _ in 0..n { std::hint::black_box(matmul_4bit_with(Isa::Avx2, &m, &x1, rows)?); }
-    let c1 = cpu();
-    eprintln!("{:.3} ms per call wall, {:.3} ms cpu", t.elapsed().as_secs_f64() * 1e3 / n as f64, (c1 - c0) * 1e3 / n as f64);
-    Ok(())
-}

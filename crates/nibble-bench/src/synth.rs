@@ -190,7 +190,7 @@ pub fn requantize_gguf(src: &Path, dst: &Path, dtype: GgmlDType) -> Result<()> {
     for name in names {
         let t = content.tensor(&mut file, name, &Device::Cpu)?;
         let keep = matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-            || t.shape().dims().last().map_or(true, |d| d % dtype.block_size() != 0);
+            || t.shape().dims().last().is_none_or(|d| d % dtype.block_size() != 0);
         let t = if keep { t } else { QTensor::quantize(&t.dequantize(&Device::Cpu)?, dtype)? };
         q.push((name.clone(), t));
     }

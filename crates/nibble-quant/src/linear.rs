@@ -84,10 +84,52 @@ impl DenseLinear {
     }
 }
 
+/// Activation rows up to which a dense layer on the CPU uses the streaming matrix-vector kernel
+/// (decode); more rows go to candle's blocked matmul, which reuses each weight across rows.
+const DENSE_GEMV_MAX_ROWS: usize = 3;
+
+impl DenseLinear {
+    /// The decode path on the CPU: [`kernels::matmul_dense`] streams the weight once per row at
+    /// memory speed, widening 16-bit weights in registers. `None` where it does not apply (many
+    /// rows, another device, a non-contiguous or non-float weight).
+    fn forward_gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let dims = x.dims();
+        let lead = &dims[..dims.len().saturating_sub(1)];
+        let rows: usize = lead.iter().product();
+        if rows > DENSE_GEMV_MAX_ROWS || !self.weight.device().is_cpu() || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n_out, n_in) = (self.out_features(), self.in_features());
+        let dtype = self.weight.dtype();
+        // Widening to f32 is exact for f16/bf16 activations, so the products are the ones
+        // candle's matmul forms (it accumulates 16-bit products in f32 too).
+        let xf: Vec<f32> = x.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let y = {
+            let (storage, layout) = self.weight.storage_and_layout();
+            let (Some((start, end)), candle_core::Storage::Cpu(cpu)) = (layout.contiguous_offsets(), &*storage) else {
+                return Ok(None);
+            };
+            let w = match cpu {
+                candle_core::CpuStorage::F32(v) => kernels::DenseWeight::F32(&v[start..end]),
+                candle_core::CpuStorage::F16(v) => kernels::DenseWeight::F16(&v[start..end]),
+                candle_core::CpuStorage::BF16(v) => kernels::DenseWeight::Bf16(&v[start..end]),
+                _ => return Ok(None),
+            };
+            kernels::matmul_dense(w, n_out, n_in, &xf, rows)?
+        };
+        let mut out_shape = lead.to_vec();
+        out_shape.push(n_out);
+        Ok(Some(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(dtype)?))
+    }
+}
+
 impl QuantLinear for DenseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.in_features())?;
-        let y = matmul_t(x, &self.weight)?;
+        let y = match self.forward_gemv(x)? {
+            Some(y) => y,
+            None => matmul_t(x, &self.weight)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -114,9 +156,20 @@ impl QuantLinear for DenseLinear {
     }
 }
 
-/// Reads a tensor's values as `T` (converting from its own float dtype).
-fn tensor_values<T: Element + candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    Ok(t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?)
+/// Calls `f` with a tensor's values as `T`: borrowed in place when the tensor already is a
+/// contiguous CPU tensor of `T` (quantize-on-load then reads the checkpoint's buffer without a
+/// copy), else converted.
+fn with_values<T: Element + candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    if t.device().is_cpu() && t.dtype() == T::DTYPE {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Some((start, end)), candle_core::Storage::Cpu(cpu)) = (layout.contiguous_offsets(), &*storage) {
+            if let Some(values) = cpu.as_slice::<T>()?.get(start..end) {
+                return Ok(f(values));
+            }
+        }
+    }
+    let values = t.to_dtype(T::DTYPE)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<T>()?;
+    Ok(f(&values))
 }
 
 /// A 4-bit (NF4/FP4) layer in the bitsandbytes format.
@@ -150,10 +203,10 @@ impl Linear4bit {
     ) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let q = match weight.dtype() {
-            DType::F32 => functional::quantize_4bit(&tensor_values::<f32>(weight)?, blocksize, quant_type, double_quant)?,
-            DType::F16 => functional::quantize_4bit(&tensor_values::<f16>(weight)?, blocksize, quant_type, double_quant)?,
+            DType::F32 => with_values(weight, |v: &[f32]| functional::quantize_4bit(v, blocksize, quant_type, double_quant))??,
+            DType::F16 => with_values(weight, |v: &[f16]| functional::quantize_4bit(v, blocksize, quant_type, double_quant))??,
             DType::BF16 => {
-                functional::quantize_4bit(&tensor_values::<bf16>(weight)?, blocksize, quant_type, double_quant)?
+                with_values(weight, |v: &[bf16]| functional::quantize_4bit(v, blocksize, quant_type, double_quant))??
             }
             other => {
                 return Err(Error::invalid_argument("weight", format!("cannot quantize a {other:?} tensor to 4 bits")))
@@ -234,7 +287,7 @@ impl Linear4bit {
         let dims = x.dims();
         let lead = &dims[..dims.len().saturating_sub(1)];
         let rows: usize = lead.iter().product();
-        let xf: Vec<f32> = x.to_dtype(self.compute_dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let xc = x.to_dtype(self.compute_dtype)?;
         let m = Matrix4bit::new(
             &self.q.packed,
             &self.absmax,
@@ -244,7 +297,8 @@ impl Linear4bit {
             self.q.quant_type,
             rounding,
         )?;
-        let y = kernels::matmul_4bit(&m, &xf, rows)?;
+        // f32 activations are read in place; f16/bf16 ones are widened (exactly) once.
+        let y = with_values(&xc, |xf: &[f32]| kernels::matmul_4bit(&m, xf, rows))??;
         let mut out_shape = lead.to_vec();
         out_shape.push(self.out_features);
         Ok(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(self.compute_dtype)?)
@@ -311,8 +365,7 @@ impl Linear8bit {
     /// outlier threshold; the threshold applies to activations).
     pub fn quantize(weight: &Tensor, threshold: f32, compute_dtype: DType, device: &Device) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        let w16 = tensor_values::<f16>(weight)?;
-        let q = functional::int8_vectorwise_quant(&w16, out_features, in_features, 0.0)?;
+        let q = with_values(weight, |w16: &[f16]| functional::int8_vectorwise_quant(w16, out_features, in_features, 0.0))??;
         Self::from_parts(q.cb, q.scb, out_features, in_features, threshold, compute_dtype, device.clone())
     }
 

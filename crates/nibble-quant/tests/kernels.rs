@@ -432,6 +432,62 @@ fn int8_quant_paths_are_bit_identical() {
 }
 
 #[test]
+fn dense_matvec_matches_f64() {
+    use nibble_quant::kernels::{matmul_dense_with, DenseWeight};
+    let mut rng = Rng(23);
+    for (n_out, n_in) in [(1, 1), (7, 33), (64, 576), (100, 1000), (3, 4099)] {
+        let w = rng.vec(n_out * n_in, 0.5);
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        for rows in [1usize, 2, 3] {
+            let x = rng.vec(rows * n_in, 1.0);
+            for isa in Isa::supported() {
+                for (name, dw, wv) in [
+                    ("f32", DenseWeight::F32(&w), w.clone()),
+                    ("f16", DenseWeight::F16(&wh), wh.iter().map(|v| v.to_f32()).collect()),
+                    ("bf16", DenseWeight::Bf16(&wb), wb.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()),
+                ] {
+                    let y = matmul_dense_with(isa, dw, n_out, n_in, &x, rows).unwrap();
+                    let wr: Vec<f64> = wv.iter().map(|&v| f64::from(v)).collect();
+                    check_close(&format!("{isa:?} {name} [{n_out}, {n_in}] rows {rows}"), &y, &wr, &x, rows, n_out, n_in, Precision::F32);
+                }
+            }
+        }
+    }
+    assert!(matmul_dense_with(Isa::Portable, DenseWeight::F32(&[1.0; 6]), 2, 2, &[1.0; 2], 1).is_err());
+}
+
+#[test]
+fn dense_linear_decode_matches_candle_matmul() {
+    use nibble_quant::DenseLinear;
+    let mut rng = Rng(29);
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let (n_out, n_in) = (300, 576);
+        let w = tensor_of(&rng.vec(n_out * n_in, 0.3), &[n_out, n_in], dt);
+        let layer = DenseLinear::new(w.clone(), None).unwrap();
+        // Up to 3 rows take the streaming kernel; more go to candle's matmul (not tested here).
+        for lead in [vec![1, 1], vec![3], vec![1, 2]] {
+            let rows: usize = lead.iter().product();
+            let mut shape = lead.clone();
+            shape.push(n_in);
+            let x = tensor_of(&rng.vec(rows * n_in, 1.0), &shape, dt);
+            let y = layer.forward(&x).unwrap();
+            assert_eq!(y.dtype(), dt);
+            let want = x.reshape((rows, n_in)).unwrap().to_dtype(DType::F32).unwrap()
+                .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+            let (yv, wv): (Vec<f32>, Vec<f32>) = (
+                y.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+                want.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            let unit = match dt { DType::BF16 => 2f32.powi(-8), DType::F16 => 2f32.powi(-11), _ => 0.0 };
+            for (a, b) in yv.iter().zip(&wv) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) + unit * b.abs(), "{dt:?} {lead:?}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
 fn unsupported_isa_is_an_error() {
     for isa in Isa::ALL {
         if !isa.is_supported() {
@@ -443,43 +499,4 @@ fn unsupported_isa_is_an_error() {
     assert_eq!(Isa::parse("portable"), Some(Isa::Portable));
     assert_eq!(Isa::parse("sse"), None);
     assert!(Isa::detect().is_supported());
-}
-
-#[test]
-#[ignore]
-fn zz_probe() {
-    use std::time::Instant;
-    let (n_out, n_in) = (5632usize, 2048usize);
-    let mut rng = Rng(1);
-    let w = rng.vec(n_out * n_in, 0.05);
-    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-    let q = quantize_4bit(&wb, 64, QuantType::Nf4, false).unwrap();
-    let absmax = q.absmax.to_f32();
-    let wp = match std::env::var("WP").as_deref() { Ok("f32") => Precision::F32, Ok("f16") => Precision::F16, _ => Precision::Bf16 };
-    let r = Rounding { weight: wp, compute: Precision::F32 };
-    let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, 64, QuantType::Nf4, r).unwrap();
-    let cpu = || {
-        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
-        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
-    };
-    let rows: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let isa = Isa::parse(&std::env::var("ISA").unwrap_or("avx2".into())).unwrap();
-    let x1 = rng.vec(n_in * rows, 1.0);
-    let n = (2000 / rows).max(3);
-    let c0 = cpu();
-    let t = Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(matmul_4bit_with(isa, &m, &x1, rows).unwrap());
-    }
-    let c1 = cpu();
-    let wall = t.elapsed().as_secs_f64() / n as f64;
-    let cpu_s = (c1 - c0) / n as f64;
-    eprintln!(
-        "rows {rows}: {:.3} ms wall, {:.3} ms cpu; {:.2} GB/s packed per cpu-second; {:.1} GFLOP/s per cpu",
-        wall * 1e3,
-        cpu_s * 1e3,
-        (q.packed.len() + 4 * absmax.len()) as f64 / cpu_s / 1e9,
-        2.0 * (rows * n_out * n_in) as f64 / cpu_s / 1e9
-    );
 }

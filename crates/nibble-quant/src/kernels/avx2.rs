@@ -18,12 +18,16 @@ use std::arch::x86_64::*;
 use super::four_bit::{Matrix4bit, Precision, Rounding, MR, NR};
 use super::quant::Scale;
 
-/// Activations in the order the 4-bit kernel produces weights: `0 2 4 6 1 3 5 7` per 8 values.
+/// The order in which [`lookup32`] produces the weights of a 16-value half group (the same for
+/// both halves of a 32-value group).
+const ORDER16: [usize; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
+/// Activations in the order the 4-bit kernel produces weights ([`ORDER16`] per 16 values).
 pub(super) fn permute_x(x: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
-    let mut chunks = x.chunks_exact(8);
+    let mut chunks = x.chunks_exact(16);
     for c in &mut chunks {
-        out.extend_from_slice(&[c[0], c[2], c[4], c[6], c[1], c[3], c[5], c[7]]);
+        out.extend(ORDER16.iter().map(|&i| c[i]));
     }
     out.extend_from_slice(chunks.remainder());
     out
@@ -39,146 +43,383 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Rounds 8 f32 to `p`, nearest even, exactly as `half` does for finite values.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn round_ps(v: __m256, p: Precision) -> __m256 {
-    match p {
-        Precision::F32 => v,
-        Precision::F16 => _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)),
-        Precision::Bf16 => {
-            // bits + 0x7fff + lsb, truncated: round half to even on the upper 16 bits.
-            let b = _mm256_castps_si256(v);
-            let lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-            let r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb);
-            _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(-65536)))
-        }
+/// The rounding chains a 4-bit weight can go through, as kernel variants (`MODE` below): the
+/// first two end in bf16, so their tables need only the upper two bytes of each value.
+const MODE_BF16: u8 = 0;
+/// f16, then bf16.
+const MODE_F16_BF16: u8 = 1;
+/// No rounding (f32 weights, f32 compute).
+const MODE_F32: u8 = 2;
+/// f16 (f16 weights or f16 compute).
+const MODE_F16: u8 = 3;
+/// bf16, then f16.
+const MODE_BF16_F16: u8 = 4;
+
+/// The kernel variant for a rounding chain (roundings that change nothing are dropped: f32 is
+/// exact, and rounding to the same precision twice is rounding once).
+fn mode_of(r: Rounding) -> u8 {
+    match (r.weight, r.compute) {
+        (Precision::F32, Precision::F32) => MODE_F32,
+        (Precision::F16, Precision::Bf16) => MODE_F16_BF16,
+        (Precision::Bf16, Precision::F16) => MODE_BF16_F16,
+        (_, Precision::Bf16) | (Precision::Bf16, Precision::F32) => MODE_BF16,
+        _ => MODE_F16,
     }
 }
 
-/// The byte-plane tables of one block (see the module docs). With `P4` all four planes, else only
-/// planes 2 and 3 (entries 0 and 1 are then unused).
+/// Whether tables of `MODE` hold only the upper two bytes (bf16 values).
+const fn two_planes(mode: u8) -> bool {
+    mode == MODE_BF16 || mode == MODE_F16_BF16
+}
+
+/// Rounds 8 f32 to f16 and back (nearest even, as `half` does).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn block_tables<const P4: bool>(
-    lut0: __m256,
-    lut1: __m256,
-    scale: f32,
-    rounding: Rounding,
-    lut: &[f32; 16],
-) -> [__m256i; 4] {
-    let (m0, m1) = if scale.is_finite() {
-        // No closure here: closures do not inherit `target_feature`, so the calls would not inline.
-        let s = _mm256_set1_ps(scale);
-        let m0 = round_ps(round_ps(_mm256_mul_ps(lut0, s), rounding.weight), rounding.compute);
-        let m1 = round_ps(round_ps(_mm256_mul_ps(lut1, s), rounding.weight), rounding.compute);
-        (m0, m1)
-    } else {
-        // NaN or infinite scales are rare; let the scalar rounding handle their special cases.
-        let t: [f32; 16] = lut.map(|c| rounding.apply(c * scale));
-        (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8)))
-    };
-    // Per lane: bytes 0 of the lane's 4 values, then bytes 1, 2, 3.
+unsafe fn round_f16(v: __m256) -> __m256 {
+    _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT))
+}
+
+/// Rounds 8 finite f32 to bf16 (nearest even, as `half` does), returned as the 16-bit patterns
+/// in the low half of each 32-bit lane: bits + 0x7fff + lsb, shifted down.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn bf16_bits(v: __m256) -> __m256i {
+    let b = _mm256_castps_si256(v);
+    let lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16)
+}
+
+/// Two-plane tables of two blocks at once, from their 16 bf16 patterns (low 16 bits of each
+/// 32-bit lane; `h[i]` holds values `4i..4i + 4`, block A in lane 0 and block B in lane 1):
+/// `[low bytes, high bytes]`, each `[A's 16 | B's 16]`. Only in-lane shuffles, which are cheap
+/// and short-latency (cross-lane ones are neither on AMD cores).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn planes2_pair(h: [__m256i; 4]) -> [__m256i; 2] {
+    // u16 per lane: values 0..8, and 8..16.
+    let p01 = _mm256_packus_epi32(h[0], h[1]);
+    let p23 = _mm256_packus_epi32(h[2], h[3]);
+    // Per lane: the 8 low bytes, then the 8 high bytes.
+    let split = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+    );
+    let (x, y) = (_mm256_shuffle_epi8(p01, split), _mm256_shuffle_epi8(p23, split));
+    [_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y)]
+}
+
+/// Four-plane tables of two blocks at once from their 16 f32 values (`m[i]` holds values
+/// `4i..4i + 4`, block A in lane 0, B in lane 1): bytes 0, 1, 2, 3 of each value, each plane
+/// `[A's 16 | B's 16]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn planes4_pair(m: [__m256; 4]) -> [__m256i; 4] {
+    // Per lane: byte 0 of the 4 values, then bytes 1, 2, 3 (dwords = planes of 4 values).
     let shuf = _mm256_setr_epi8(
         0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
     );
-    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    // s0 qwords: plane 0, 1, 2, 3 of values 0..8; s1 the same for values 8..16.
-    let s0 = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(_mm256_castps_si256(m0), shuf), perm);
-    let s1 = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(_mm256_castps_si256(m1), shuf), perm);
-    let lo = _mm256_unpacklo_epi64(s0, s1); // lane 0: plane 0, lane 1: plane 2
-    let hi = _mm256_unpackhi_epi64(s0, s1); // lane 0: plane 1, lane 1: plane 3
-    let p2 = _mm256_permute2x128_si256(lo, lo, 0x11);
-    let p3 = _mm256_permute2x128_si256(hi, hi, 0x11);
-    if P4 {
-        [_mm256_permute2x128_si256(lo, lo, 0x00), _mm256_permute2x128_si256(hi, hi, 0x00), p2, p3]
-    } else {
-        let z = _mm256_setzero_si256();
-        [z, z, p2, p3]
+    let s: [__m256i; 4] = [
+        _mm256_shuffle_epi8(_mm256_castps_si256(m[0]), shuf),
+        _mm256_shuffle_epi8(_mm256_castps_si256(m[1]), shuf),
+        _mm256_shuffle_epi8(_mm256_castps_si256(m[2]), shuf),
+        _mm256_shuffle_epi8(_mm256_castps_si256(m[3]), shuf),
+    ];
+    // A 4 x 4 dword transpose per lane.
+    let a = _mm256_unpacklo_epi32(s[0], s[1]); // p0(0..4) p0(4..8) p1(0..4) p1(4..8)
+    let b = _mm256_unpackhi_epi32(s[0], s[1]); // p2 .. p3 ..
+    let c = _mm256_unpacklo_epi32(s[2], s[3]);
+    let d = _mm256_unpackhi_epi32(s[2], s[3]);
+    [
+        _mm256_unpacklo_epi64(a, c),
+        _mm256_unpackhi_epi64(a, c),
+        _mm256_unpacklo_epi64(b, d),
+        _mm256_unpackhi_epi64(b, d),
+    ]
+}
+
+/// Tables of two blocks with scales `sa` (lane 0) and `sb` (lane 1), rounded as `MODE` says;
+/// `lq[i]` is code book entries `4i..4i + 4` in both lanes. Returns the planes (two-plane modes
+/// fill entries 0 and 1).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pair_tables<const MODE: u8>(lq: &[__m256; 4], sa: f32, sb: f32) -> [__m256i; 4] {
+    let s = _mm256_setr_m128(_mm_set1_ps(sa), _mm_set1_ps(sb));
+    let mut m = [_mm256_setzero_ps(); 4];
+    for i in 0..4 {
+        m[i] = _mm256_mul_ps(lq[i], s);
+        if MODE == MODE_F16_BF16 || MODE == MODE_F16 {
+            m[i] = round_f16(m[i]);
+        }
     }
+    if two_planes(MODE) {
+        let [lo, hi] = planes2_pair([bf16_bits(m[0]), bf16_bits(m[1]), bf16_bits(m[2]), bf16_bits(m[3])]);
+        let z = _mm256_setzero_si256();
+        return [lo, hi, z, z];
+    }
+    if MODE == MODE_BF16_F16 {
+        // bf16 patterns back to f32, then f16.
+        for v in &mut m {
+            *v = round_f16(_mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(*v), 16)));
+        }
+    }
+    planes4_pair(m)
+}
+
+/// [`pair_tables`] for blocks `a` and `b` when a scale is NaN or infinite: the scalar rounding
+/// handles the special values (NaN payloads, overflow) exactly as `half` does.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pair_tables_scalar<const MODE: u8>(w: &Matrix4bit<'_>, a: usize, b: usize) -> [__m256i; 4] {
+    let (ta, tb) = (w.block_table(a), w.block_table(b));
+    let mut m = [_mm256_setzero_ps(); 4];
+    for (i, v) in m.iter_mut().enumerate() {
+        *v = _mm256_setr_m128(_mm_loadu_ps(ta.as_ptr().add(4 * i)), _mm_loadu_ps(tb.as_ptr().add(4 * i)));
+    }
+    if two_planes(MODE) {
+        // Already bf16 values: their patterns are the upper halves.
+        let mut h = [_mm256_setzero_si256(); 4];
+        for (h, v) in h.iter_mut().zip(&m) {
+            *h = _mm256_srli_epi32(_mm256_castps_si256(*v), 16);
+        }
+        let [lo, hi] = planes2_pair(h);
+        let z = _mm256_setzero_si256();
+        return [lo, hi, z, z];
+    }
+    planes4_pair(m)
 }
 
 /// Looks up 32 weights: `idx` lane 0 holds the 16 high nibbles (even values), lane 1 the low
 /// ones (odd values). Returns them as f32 in the order of [`permute_x`].
+///
+/// After the byte lookups, `unpack*_epi8` pairs the bytes into 16-bit lanes (lane 0: values
+/// 0 2 4 .. 14, lane 1: 1 3 .. 15, and the same + 16); 16-bit lanes become f32 with a shift
+/// (even lanes) or a mask (odd lanes), which run on more execution ports than 16-bit unpacks.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn lookup32<const P4: bool>(t: &[__m256i; 4], idx: __m256i) -> [__m256; 4] {
+unsafe fn lookup32<const MODE: u8>(t: &[__m256i; 4], idx: __m256i) -> [__m256; 4] {
+    // Opaque to the optimizer, so the masks stay `vpand` (which runs on every vector port)
+    // instead of being turned into `vpblendw` (which competes with the shuffles).
+    let hi16 = std::hint::black_box(_mm256_set1_epi32(-65536));
+    if two_planes(MODE) {
+        let b2 = _mm256_shuffle_epi8(t[0], idx);
+        let b3 = _mm256_shuffle_epi8(t[1], idx);
+        let ha = _mm256_unpacklo_epi8(b2, b3);
+        let hb = _mm256_unpackhi_epi8(b2, b3);
+        return [
+            _mm256_castsi256_ps(_mm256_slli_epi32(ha, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(ha, hi16)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(hb, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(hb, hi16)),
+        ];
+    }
+    let lo16 = _mm256_set1_epi32(0xffff);
+    let b0 = _mm256_shuffle_epi8(t[0], idx);
+    let b1 = _mm256_shuffle_epi8(t[1], idx);
     let b2 = _mm256_shuffle_epi8(t[2], idx);
     let b3 = _mm256_shuffle_epi8(t[3], idx);
-    let ha = _mm256_unpacklo_epi8(b2, b3);
-    let hb = _mm256_unpackhi_epi8(b2, b3);
-    let (la, lb) = if P4 {
-        let b0 = _mm256_shuffle_epi8(t[0], idx);
-        let b1 = _mm256_shuffle_epi8(t[1], idx);
-        (_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1))
-    } else {
-        (_mm256_setzero_si256(), _mm256_setzero_si256())
-    };
+    let (la, lb) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1));
+    let (ha, hb) = (_mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3));
+    // Even 16-bit lanes: low half from l, high half from h shifted up; odd lanes: l shifted
+    // down, h masked. (No closures: they would not inherit `target_feature`.)
     [
-        _mm256_castsi256_ps(_mm256_unpacklo_epi16(la, ha)),
-        _mm256_castsi256_ps(_mm256_unpackhi_epi16(la, ha)),
-        _mm256_castsi256_ps(_mm256_unpacklo_epi16(lb, hb)),
-        _mm256_castsi256_ps(_mm256_unpackhi_epi16(lb, hb)),
+        _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(la, lo16), _mm256_slli_epi32(ha, 16))),
+        _mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(la, 16), _mm256_and_si256(ha, hi16))),
+        _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(lb, lo16), _mm256_slli_epi32(hb, 16))),
+        _mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(lb, 16), _mm256_and_si256(hb, hi16))),
     ]
 }
 
-/// `y[i] = W[row0 + i, :] . x` for rows whose width is a multiple of 32; `xp` is
-/// [`permute_x`] of `x`.
+/// Up to four activation rows at once against weight rows `row0 .. row0 + n` whose width is a
+/// multiple of 32: `out[i * stride + off + j] = W[row0 + i, :] . x_j` for `j < r`, where `xp`
+/// holds the `r` rows of x, each [`permute_x`]-ed. Each weight is decoded once for all `r` rows.
 ///
 /// # Safety
-/// The CPU must support avx2, fma and f16c. `w.in_features % 32 == 0`, `xp.len() ==
-/// w.in_features` and `row0 + y.len() <= w.out_features` (slices are still bounds-checked per
-/// segment; the loads read inside those checked slices).
+/// The CPU must support avx2, fma and f16c. `w.in_features % 32 == 0`, `1 <= r <= 4`,
+/// `xp.len() == r * w.in_features`, `row0 + n <= w.out_features` (weights and activations are
+/// reached through checked slices; the loads read inside them).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn gemv_rows(w: &Matrix4bit<'_>, xp: &[f32], y: &mut [f32], row0: usize) {
-    if w.rounding.stored() == Precision::Bf16 {
-        gemv_rows_impl::<false>(w, xp, y, row0)
-    } else {
-        gemv_rows_impl::<true>(w, xp, y, row0)
+pub(super) unsafe fn gemv_rows(
+    w: &Matrix4bit<'_>,
+    xp: &[f32],
+    r: usize,
+    out: &mut [f32],
+    stride: usize,
+    off: usize,
+    row0: usize,
+    n: usize,
+) {
+    macro_rules! by_rows {
+        ($mode:expr) => {
+            match r {
+                1 => gemv_rows_impl::<{ $mode }, 1>(w, xp, out, stride, off, row0, n),
+                2 => gemv_rows_impl::<{ $mode }, 2>(w, xp, out, stride, off, row0, n),
+                3 => gemv_rows_impl::<{ $mode }, 3>(w, xp, out, stride, off, row0, n),
+                _ => gemv_rows_impl::<{ $mode }, 4>(w, xp, out, stride, off, row0, n),
+            }
+        };
+    }
+    match mode_of(w.rounding) {
+        MODE_BF16 => by_rows!(MODE_BF16),
+        MODE_F16_BF16 => by_rows!(MODE_F16_BF16),
+        MODE_F32 => by_rows!(MODE_F32),
+        MODE_BF16_F16 => by_rows!(MODE_BF16_F16),
+        _ => by_rows!(MODE_F16),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemv_rows_impl<const P4: bool>(w: &Matrix4bit<'_>, xp: &[f32], y: &mut [f32], row0: usize) {
+unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
+    w: &Matrix4bit<'_>,
+    xp: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    off: usize,
+    row0: usize,
+    n: usize,
+) {
     let n_in = w.in_features;
     let bs = w.blocksize;
     // Block sizes are powers of two from 32 up, so block and group arithmetic is shifts.
     let bs_shift = bs.trailing_zeros();
     let gpb_shift = bs_shift - 5;
-    let lut0 = _mm256_loadu_ps(w.lut.as_ptr());
-    let lut1 = _mm256_loadu_ps(w.lut.as_ptr().add(8));
-    let low4 = _mm_set1_epi8(0x0f);
+    let mut lq = [_mm256_setzero_ps(); 4];
+    for (i, q) in lq.iter_mut().enumerate() {
+        let l = _mm_loadu_ps(w.lut.as_ptr().add(4 * i));
+        *q = _mm256_setr_m128(l, l);
+    }
+    let low4 = _mm256_set1_epi8(0x0f);
+    let nib_shift = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
+    let xs: [&[f32]; R] = std::array::from_fn(|j| &xp[j * n_in..(j + 1) * n_in]);
+    // Table slots: per pair of blocks (A, B), plane k of block A at 8p + 2k, of B at 8p + 2k + 1.
     // A row touches at most in / bs + 2 blocks (it may start and end mid-block).
-    let mut tabs = vec![[_mm256_setzero_si256(); 4]; (n_in >> bs_shift) + 2];
-    for (i, yo) in y.iter_mut().enumerate() {
+    let pairs = ((n_in >> bs_shift) + 2).div_ceil(2);
+    let mut tabs = vec![_mm_setzero_si128(); pairs * 8];
+    for i in 0..n {
         let start = (row0 + i) * n_in;
         let end = start + n_in;
-        // Phase 1: the row's block tables. Blocks are independent, so this loop runs at
-        // instruction throughput instead of stalling each group on its table's latency.
+        // Phase 1: the row's block tables, two blocks per step (one per 128-bit lane). Blocks
+        // are independent, so this runs at instruction throughput.
         let b0 = start >> bs_shift;
         let b1 = (end - 1) >> bs_shift;
-        for (t, &scale) in tabs.iter_mut().zip(&w.absmax[b0..=b1]) {
-            *t = block_tables::<P4>(lut0, lut1, scale, w.rounding, w.lut);
+        let scales = &w.absmax[b0..=b1];
+        // One vectorizable pass decides whether any block needs the scalar path.
+        let finite = scales.iter().fold(true, |ok, s| ok & s.is_finite());
+        let n_planes = if two_planes(MODE) { 2 } else { 4 };
+        for (p, (pair, slots)) in scales.chunks(2).zip(tabs.chunks_exact_mut(8)).enumerate() {
+            // An odd last block pairs with itself; the copy in lane B is never read.
+            let (sa, sb) = (pair[0], pair[pair.len() - 1]);
+            let planes = if finite {
+                pair_tables::<MODE>(&lq, sa, sb)
+            } else {
+                let a = b0 + 2 * p;
+                pair_tables_scalar::<MODE>(w, a, a + pair.len() - 1)
+            };
+            // Slots 2k and 2k + 1 (inside this 8-slot chunk) take plane k of blocks A and B.
+            let sp = slots.as_mut_ptr();
+            for (k, plane) in planes.iter().take(n_planes).enumerate() {
+                _mm256_storeu_si256(sp.add(2 * k).cast(), *plane);
+            }
         }
-        // Phase 2: 32 weights per step; group g of the row lies in table (g + off) >> gpb_shift.
-        let off = (start & (bs - 1)) >> 5;
+        // Phase 2: 32 weights per step; group g of the row lies in block (g + off) >> gpb_shift.
+        // One row keeps four accumulators (FMA latency); several rows keep two each.
+        let goff = (start & (bs - 1)) >> 5;
         let bytes = &w.packed[start / 2..end / 2];
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (g, (pb, xv)) in bytes.chunks_exact(16).zip(xp.chunks_exact(32)).enumerate() {
-            let t = &tabs[(g + off) >> gpb_shift];
-            // `pb` has 16 bytes and `xv` 32 floats (exact chunks): the loads stay inside them.
-            let v = _mm_loadu_si128(pb.as_ptr().cast());
-            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-            let lo = _mm_and_si128(v, low4);
-            let idx = _mm256_inserti128_si256(_mm256_castsi128_si256(hi), lo, 1);
-            let f = lookup32::<P4>(t, idx);
-            let xpp = xv.as_ptr();
-            acc[0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xpp), acc[0]);
-            acc[1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xpp.add(8)), acc[1]);
-            acc[2] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xpp.add(16)), acc[2]);
-            acc[3] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xpp.add(24)), acc[3]);
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for (g, pb) in bytes.chunks_exact(16).enumerate() {
+            let j = (g + goff) >> gpb_shift;
+            let slot = 8 * (j >> 1) + (j & 1);
+            // Each plane is 16 bytes; broadcasting it to both lanes is a plain load.
+            let t = [
+                _mm256_broadcastsi128_si256(tabs[slot]),
+                _mm256_broadcastsi128_si256(tabs[slot + 2]),
+                if two_planes(MODE) { low4 } else { _mm256_broadcastsi128_si256(tabs[slot + 4]) },
+                if two_planes(MODE) { low4 } else { _mm256_broadcastsi128_si256(tabs[slot + 6]) },
+            ];
+            // `pb` has 16 bytes (exact chunk): the load stays inside it. The bytes go to both
+            // lanes (a plain load), lane 0 is shifted to its high nibbles.
+            let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(pb.as_ptr().cast()));
+            let idx = _mm256_and_si256(_mm256_srlv_epi32(v, nib_shift), low4);
+            let f = lookup32::<MODE>(&t, idx);
+            for (a, x) in acc.iter_mut().zip(&xs) {
+                // `x` has `n_in` values and 32 g + 32 <= n_in.
+                let xpp = x.as_ptr().add(32 * g);
+                if R == 1 {
+                    a[0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xpp), a[0]);
+                    a[1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xpp.add(8)), a[1]);
+                    a[2] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xpp.add(16)), a[2]);
+                    a[3] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xpp.add(24)), a[3]);
+                } else {
+                    a[0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xpp), a[0]);
+                    a[1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xpp.add(8)), a[1]);
+                    a[0] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xpp.add(16)), a[0]);
+                    a[1] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xpp.add(24)), a[1]);
+                }
+            }
         }
-        *yo = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        for (j, a) in acc.iter().enumerate() {
+            out[i * stride + off + j] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+        }
+    }
+}
+
+/// Decodes the values `e0 .. e0 + out.len()` of the flattened weight into `out` in natural
+/// order, for filling the matrix-matrix kernel's panels. `e0` and `out.len()` are multiples of 32.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c. `e0 % 32 == 0`, `out.len() % 32 == 0` and
+/// `e0 + out.len() <= w.out_features * w.in_features` (the packed bytes are a checked slice).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn decode_aligned(w: &Matrix4bit<'_>, e0: usize, out: &mut [f32]) {
+    match mode_of(w.rounding) {
+        MODE_BF16 => decode_aligned_impl::<MODE_BF16>(w, e0, out),
+        MODE_F16_BF16 => decode_aligned_impl::<MODE_F16_BF16>(w, e0, out),
+        MODE_F32 => decode_aligned_impl::<MODE_F32>(w, e0, out),
+        MODE_BF16_F16 => decode_aligned_impl::<MODE_BF16_F16>(w, e0, out),
+        _ => decode_aligned_impl::<MODE_F16>(w, e0, out),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_aligned_impl<const MODE: u8>(w: &Matrix4bit<'_>, e0: usize, out: &mut [f32]) {
+    let bs_shift = w.blocksize.trailing_zeros();
+    let mut lq = [_mm256_setzero_ps(); 4];
+    for (i, q) in lq.iter_mut().enumerate() {
+        let l = _mm_loadu_ps(w.lut.as_ptr().add(4 * i));
+        *q = _mm256_setr_m128(l, l);
+    }
+    let low4 = _mm256_set1_epi8(0x0f);
+    let nib_shift = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
+    let mut cur = usize::MAX;
+    let mut t = [_mm256_setzero_si256(); 4];
+    let mut tmp = [0.0f32; 32];
+    let bytes = &w.packed[e0 / 2..(e0 + out.len()) / 2];
+    for (g, (pb, og)) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)).enumerate() {
+        let b = (e0 + 32 * g) >> bs_shift;
+        if b != cur {
+            // A block paired with itself: both lanes hold its table, as `lookup32` wants.
+            let s = w.absmax[b];
+            t = if s.is_finite() { pair_tables::<MODE>(&lq, s, s) } else { pair_tables_scalar::<MODE>(w, b, b) };
+            if two_planes(MODE) {
+                t[2] = low4;
+                t[3] = low4;
+            }
+            cur = b;
+        }
+        // `pb` has 16 bytes (exact chunk).
+        let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(pb.as_ptr().cast()));
+        let idx = _mm256_and_si256(_mm256_srlv_epi32(v, nib_shift), low4);
+        let f = lookup32::<MODE>(&t, idx);
+        let tp = tmp.as_mut_ptr();
+        for (j, fj) in f.iter().enumerate() {
+            // `tmp` has 32 floats: j * 8 + 8 <= 32.
+            _mm256_storeu_ps(tp.add(8 * j), *fj);
+        }
+        // Undo the kernel order (`ORDER16` per 16 values).
+        for (src, dst) in tmp.chunks_exact(16).zip(og.chunks_exact_mut(16)) {
+            for (v, &pos) in src.iter().zip(&ORDER16) {
+                dst[pos] = *v;
+            }
+        }
     }
 }
 
@@ -206,6 +447,49 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     for k in i..n {
         s += a[k] * b[k];
+    }
+    s
+}
+
+/// 8 16-bit values at element `i` of `w` (f16 when `F16`, else bf16) as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load16<const F16: bool>(w: *const u16, i: usize) -> __m256 {
+    let h = _mm_loadu_si128(w.add(i).cast());
+    if F16 {
+        _mm256_cvtph_ps(h)
+    } else {
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+}
+
+/// `sum w[i] x[i]` for `n.min(x.len())` 16-bit weights at `w` (f16 when `F16`, else bf16), widened
+/// to f32 exactly.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c; `w` must be valid for `n` 16-bit values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_16bit<const F16: bool>(w: *const u16, x: &[f32], n: usize) -> f32 {
+    let n = n.min(x.len());
+    let xp = x.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // Loads read `i .. i + 32 <= n` of both.
+    while i + 32 <= n {
+        for (j, s) in acc.iter_mut().enumerate() {
+            *s = _mm256_fmadd_ps(load16::<F16>(w, i + 8 * j), _mm256_loadu_ps(xp.add(i + 8 * j)), *s);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(load16::<F16>(w, i), _mm256_loadu_ps(xp.add(i)), acc[0]);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (k, &xv) in x.iter().enumerate().take(n).skip(i) {
+        let bits = *w.add(k);
+        let v = if F16 { half::f16::from_bits(bits).to_f32() } else { half::bf16::from_bits(bits).to_f32() };
+        s += v * xv;
     }
     s
 }
@@ -295,23 +579,23 @@ pub(super) unsafe fn int8_tile<const M: usize, const N: usize>(
             wv[n] = _mm256_loadu_si256(wp.add(n * ldw + i).cast());
             wa[n] = _mm256_abs_epi8(wv[n]);
         }
-        for r in 0..M {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
             let av = _mm256_loadu_si256(ap.add(r * lda + i).cast());
-            for n in 0..N {
-                let p = _mm256_maddubs_epi16(wa[n], _mm256_sign_epi8(av, wv[n]));
-                acc[r][n] = _mm256_add_epi32(acc[r][n], _mm256_madd_epi16(p, ones));
+            for ((a, &wan), &wvn) in acc_r.iter_mut().zip(&wa).zip(&wv) {
+                let p = _mm256_maddubs_epi16(wan, _mm256_sign_epi8(av, wvn));
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(p, ones));
             }
         }
         i += 32;
     }
     let mut out = [[0i32; N]; M];
-    for r in 0..M {
-        for n in 0..N {
-            let mut s = hsum_i32(acc[r][n]);
+    for (r, (out_r, acc_r)) in out.iter_mut().zip(&acc).enumerate() {
+        for (n, (o, &v)) in out_r.iter_mut().zip(acc_r).enumerate() {
+            let mut s = hsum_i32(v);
             for j in i..k {
                 s = s.wrapping_add(i32::from(a[r * lda + j]) * i32::from(w[n * ldw + j]));
             }
-            out[r][n] = s;
+            *o = s;
         }
     }
     out

@@ -15,7 +15,7 @@ use half::{bf16, f16};
 use nibble_core::{Error, Result};
 use rayon::prelude::*;
 
-use super::{chunk_len, Isa, MIN_MACS_PER_TASK};
+use super::{chunk_len, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
 use crate::functional::{check_blocksize, tables, QuantType};
 
 /// A floating-point precision a dequantized weight passes through.
@@ -74,8 +74,8 @@ impl Rounding {
     }
 
     /// The precision every rounded value is exactly representable in: the last rounding that
-    /// narrows. The AVX2 kernel uses it to look up 2 bytes per weight instead of 4 for bf16.
-    pub(crate) fn stored(self) -> Precision {
+    /// narrows. The SIMD kernels look up 2 bytes per weight instead of 4 when it is bf16.
+    pub fn stored(self) -> Precision {
         if self.compute == Precision::F32 {
             self.weight
         } else {
@@ -164,7 +164,7 @@ impl<'a> Matrix4bit<'a> {
     /// 32 values, so 32-value groups never straddle a block and start on a whole byte.
     #[inline]
     pub(crate) fn rows_aligned(&self) -> bool {
-        self.in_features % 32 == 0
+        self.in_features.is_multiple_of(32)
     }
 
     /// Decodes the values `e0 .. e0 + out.len()` of the flattened weight into `out`.
@@ -207,9 +207,10 @@ fn decode_segment(packed: &[u8], e0: usize, t: &[f32; 16], out: &mut [f32]) {
     }
 }
 
-/// Rows up to which the matrix-vector kernel is used once per row: below this, decoding a weight
-/// panel for the matrix-matrix kernel costs more than decoding the weights again per row.
-const GEMV_MAX_ROWS: usize = 3;
+/// Activation rows up to which the matrix-vector kernels are used (the AVX2 one decodes each
+/// weight once per four rows); beyond, decoding weight panels once for the matrix-matrix kernel
+/// is cheaper.
+const GEMV_MAX_ROWS: usize = 16;
 
 /// Inputs per weight panel of the matrix-matrix kernel: 16 outputs x 256 inputs x 4 bytes = 16 KiB,
 /// which stays in L1 next to the activation tile.
@@ -249,6 +250,11 @@ pub fn matmul_4bit_with(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize) ->
         return Ok(y);
     }
     if rows <= GEMV_MAX_ROWS {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 && w.rows_aligned() {
+            gemv_avx2(w, x, rows, &mut y);
+            return Ok(y);
+        }
         for (xr, yr) in x.chunks_exact(n_in).zip(y.chunks_exact_mut(n_out)) {
             gemv(isa, w, xr, yr);
         }
@@ -258,32 +264,83 @@ pub fn matmul_4bit_with(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize) ->
     Ok(y)
 }
 
-/// One activation row: `y[o] = sum_k W[o, k] x[k]`, rows split across threads.
+/// The AVX2 matrix-vector path for `rows` activation rows (rows of `W` a multiple of 32 wide):
+/// weight rows split across threads, each weight decoded once per four activation rows.
+#[cfg(target_arch = "x86_64")]
+fn gemv_avx2(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
+    let (n_in, n_out) = (w.in_features, w.out_features);
+    // The kernel decodes weights in an interleaved order; permuting x once per call to match is
+    // cheaper than un-permuting every decoded weight.
+    let xp: Vec<f32> = x.chunks_exact(n_in).flat_map(super::avx2::permute_x).collect();
+    let per_task = chunk_len(n_out, min_macs_per_matvec_task().div_ceil(n_in * rows));
+    // Weight rows `o0 .. o0 + n` for every activation row, into `out` as `[n, rows]`.
+    let run = |o0: usize, n: usize, out: &mut [f32]| {
+        let mut r0 = 0;
+        while r0 < rows {
+            let r = (rows - r0).min(4);
+            // SAFETY: `matmul_4bit_with` checked `Isa::Avx2` (avx2+fma+f16c detected); rows are
+            // a multiple of 32 wide (`rows_aligned`), `xp` holds `r` rows from `r0`, and the
+            // weight rows `o0 .. o0 + n` exist.
+            unsafe { super::avx2::gemv_rows(w, &xp[r0 * n_in..(r0 + r) * n_in], r, out, rows, r0, o0, n) };
+            r0 += r;
+        }
+    };
+    if rows == 1 {
+        // `[n, 1]` is the output itself.
+        if n_out <= per_task {
+            // One task: handing it to the thread pool would only add a wake-up round trip.
+            run(0, n_out, y);
+        } else {
+            y.par_chunks_mut(per_task).enumerate().for_each(|(t, yc)| run(t * per_task, yc.len(), yc));
+        }
+        return;
+    }
+    let n_tasks = n_out.div_ceil(per_task);
+    let parts: Vec<Vec<f32>> = (0..n_tasks)
+        .into_par_iter()
+        .map(|t| {
+            let o0 = t * per_task;
+            let n = per_task.min(n_out - o0);
+            let mut out = vec![0.0f32; n * rows];
+            run(o0, n, &mut out);
+            out
+        })
+        .collect();
+    for (t, part) in parts.iter().enumerate() {
+        let o0 = t * per_task;
+        for (i, vals) in part.chunks_exact(rows).enumerate() {
+            for (r, &v) in vals.iter().enumerate() {
+                y[r * n_out + o0 + i] = v;
+            }
+        }
+    }
+}
+
+/// One activation row: `y[o] = sum_k W[o, k] x[k]`, rows split across threads (the NEON kernel
+/// for rows a multiple of 32 wide, otherwise decode-then-dot).
 fn gemv(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], y: &mut [f32]) {
     let n_in = w.in_features;
+    #[cfg(target_arch = "aarch64")]
     let aligned = w.rows_aligned();
-    // The AVX2 kernel decodes weights in an interleaved order; permuting x once per call to
-    // match is cheaper than un-permuting every decoded weight.
-    #[cfg(target_arch = "x86_64")]
-    let xp: Vec<f32> = if isa == Isa::Avx2 && aligned { super::avx2::permute_x(x) } else { Vec::new() };
-    let rows_per_task = chunk_len(w.out_features, MIN_MACS_PER_TASK.div_ceil(n_in));
-    y.par_chunks_mut(rows_per_task).enumerate().for_each(|(ci, yc)| {
+    let rows_per_task = chunk_len(w.out_features, min_macs_per_matvec_task().div_ceil(n_in));
+    let run = |ci: usize, yc: &mut [f32]| {
         let row0 = ci * rows_per_task;
         match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if aligned => {
-                // SAFETY: `matmul_4bit_with` checked `isa.check()`, i.e. avx2+fma+f16c were
-                // detected at run time; rows `row0..row0 + yc.len()` exist (they index `y`).
-                unsafe { super::avx2::gemv_rows(w, &xp, yc, row0) }
-            }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon if aligned => {
-                // SAFETY: `isa.check()` detected NEON at run time; rows are in range as above.
+                // SAFETY: `isa.check()` detected NEON at run time; rows `row0..row0 + yc.len()`
+                // exist (they index `y`).
                 unsafe { super::neon::gemv_rows(w, x, yc, row0) }
             }
             _ => gemv_rows_decoded(isa, w, x, yc, row0),
         }
-    });
+    };
+    if y.len() <= rows_per_task {
+        // One task: handing it to the thread pool would only add a wake-up round trip.
+        run(0, y);
+    } else {
+        y.par_chunks_mut(rows_per_task).enumerate().for_each(|(ci, yc)| run(ci, yc));
+    }
 }
 
 /// The general matrix-vector path: decode each row into a scratch row, then a dot product.
@@ -364,7 +421,7 @@ fn gemm_task(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize, o0: usize, o1
         for o in o0..o1 {
             let (pj, lane) = ((o - o0) / NR, (o - o0) % NR);
             let r = &mut row[..kc];
-            w.decode_range(o * n_in + k0, r);
+            decode_range(isa, w, o * n_in + k0, r);
             let panel = &mut bp[pj * kc * NR..(pj + 1) * kc * NR];
             for (dst, &v) in panel.chunks_exact_mut(NR).zip(r.iter()) {
                 dst[lane] = v;
@@ -386,13 +443,28 @@ fn gemm_task(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize, o0: usize, o1
     c
 }
 
+/// [`Matrix4bit::decode_range`] with the SIMD decoders where the range is made of whole 32-value
+/// groups (rows a multiple of 32 wide and panel bounds on multiples of 32).
+fn decode_range(isa: Isa, w: &Matrix4bit<'_>, e0: usize, out: &mut [f32]) {
+    let aligned = w.rows_aligned() && e0.is_multiple_of(32) && out.len().is_multiple_of(32);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` passed `Isa::check` (avx2+fma+f16c detected); `aligned` is the layout the
+        // kernel needs and the range lies inside the weight (callers decode rows they own).
+        Isa::Avx2 if aligned => unsafe { super::avx2::decode_aligned(w, e0, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `isa` passed `Isa::check` (NEON detected); layout and range as above.
+        Isa::Neon if aligned => unsafe { super::neon::decode_aligned(w, e0, out) },
+        _ => w.decode_range(e0, out),
+    }
+}
+
 /// `C[r, 0..16] (+)= sum_k A[r, k] B[k, 0..16]` for `r < mr`; `A` rows are `lda` apart, `C`
 /// rows `ldc` apart, `B` is `kc x 16`. `first` starts from zero instead of loading `C`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tile(isa: Isa, mr: usize, kc: usize, a: &[f32], lda: usize, b: &[f32], c: &mut [f32], ldc: usize, first: bool) {
     // The SIMD kernels index with raw pointers; these bounds are what makes that sound.
-    let fits = mr >= 1
-        && mr <= MR
+    let fits = (1..=MR).contains(&mr)
         && a.len() >= (mr - 1) * lda + kc
         && b.len() >= kc * NR
         && c.len() >= (mr - 1) * ldc + NR;

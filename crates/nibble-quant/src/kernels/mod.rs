@@ -24,6 +24,7 @@
 //! Integer products and sums are exact, so [`int8_matmul_i32`] equals the scalar definition bit for
 //! bit whatever the order (sums wrap on i32 overflow like bitsandbytes' int32 accumulator).
 
+mod dense;
 mod four_bit;
 mod int8;
 pub(crate) mod quant;
@@ -35,6 +36,7 @@ mod neon;
 
 use std::sync::OnceLock;
 
+pub use dense::{matmul_dense, matmul_dense_with, DenseWeight};
 pub use four_bit::{matmul_4bit, matmul_4bit_with, Matrix4bit, Precision, Rounding};
 pub use int8::{int8_matmul_i32, int8_matmul_i32_with};
 pub use quant::{int8_vectorwise_quant_with, quantize_4bit_with};
@@ -152,6 +154,20 @@ fn neon_supported() -> bool {
 /// Rayon tasks should each get at least this many multiply-adds, so that scheduling stays a small
 /// fraction of the work even for the small matrices of a 100M-parameter model.
 pub(crate) const MIN_MACS_PER_TASK: usize = 64 * 1024;
+
+/// The same for matrix-vector products called from outside the thread pool (a model's decode
+/// loop usually is): each such call wakes the pool's threads and sleeps until they are done,
+/// which costs tens of microseconds, about as long as 256 Ki multiply-adds on one core.
+pub(crate) const MIN_MACS_PER_TASK_COLD: usize = 256 * 1024;
+
+/// [`MIN_MACS_PER_TASK`] inside the pool, [`MIN_MACS_PER_TASK_COLD`] outside it.
+pub(crate) fn min_macs_per_matvec_task() -> usize {
+    if rayon::current_thread_index().is_some() {
+        MIN_MACS_PER_TASK
+    } else {
+        MIN_MACS_PER_TASK_COLD
+    }
+}
 
 /// How many pieces to split `n` units of work into: about four per thread (so uneven finishing
 /// times even out), but no piece under `min_unit` units.

@@ -133,6 +133,50 @@ unsafe fn gemv_rows_impl<const P4: bool>(w: &Matrix4bit<'_>, x: &[f32], y: &mut 
     }
 }
 
+/// Decodes the values `e0 .. e0 + out.len()` of the flattened weight into `out` (natural order),
+/// for filling the matrix-matrix kernel's panels. `e0` and `out.len()` are multiples of 32.
+///
+/// # Safety
+/// The CPU must support NEON. `e0 % 32 == 0`, `out.len() % 32 == 0` and the range inside the
+/// weight (the packed bytes are a checked slice).
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn decode_aligned(w: &Matrix4bit<'_>, e0: usize, out: &mut [f32]) {
+    if w.rounding.stored() == Precision::Bf16 {
+        decode_aligned_impl::<false>(w, e0, out)
+    } else {
+        decode_aligned_impl::<true>(w, e0, out)
+    }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn decode_aligned_impl<const P4: bool>(w: &Matrix4bit<'_>, e0: usize, out: &mut [f32]) {
+    let bs = w.blocksize;
+    let low4 = vdupq_n_u8(0x0f);
+    let mut cur = usize::MAX;
+    let mut t = [vdupq_n_u8(0); 4];
+    let bytes = &w.packed[e0 / 2..(e0 + out.len()) / 2];
+    for (g, (pb, og)) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)).enumerate() {
+        let b = (e0 + 32 * g) / bs;
+        if b != cur {
+            t = block_planes(w, b);
+            cur = b;
+        }
+        let v = vld1q_u8(pb.as_ptr());
+        let hi = vshrq_n_u8::<4>(v);
+        let lo = vandq_u8(v, low4);
+        let op = og.as_mut_ptr();
+        // `og` has 32 floats (exact chunk): the stores stay inside it.
+        let f = lookup16::<P4>(&t, vzip1q_u8(hi, lo));
+        for (j, fj) in f.iter().enumerate() {
+            vst1q_f32(op.add(4 * j), *fj);
+        }
+        let f = lookup16::<P4>(&t, vzip2q_u8(hi, lo));
+        for (j, fj) in f.iter().enumerate() {
+            vst1q_f32(op.add(16 + 4 * j), *fj);
+        }
+    }
+}
+
 /// `sum a[i] b[i]` over the common length.
 ///
 /// # Safety
@@ -181,9 +225,9 @@ unsafe fn tile_m<const M: usize>(kc: usize, a: &[f32], lda: usize, b: &[f32], c:
     let mut acc = [[vdupq_n_f32(0.0); 4]; M];
     let cp = c.as_mut_ptr();
     if !first {
-        for r in 0..M {
-            for j in 0..4 {
-                acc[r][j] = vld1q_f32(cp.add(r * ldc + 4 * j));
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            for (j, v) in acc_r.iter_mut().enumerate() {
+                *v = vld1q_f32(cp.add(r * ldc + 4 * j));
             }
         }
     }
@@ -196,16 +240,16 @@ unsafe fn tile_m<const M: usize>(kc: usize, a: &[f32], lda: usize, b: &[f32], c:
             vld1q_f32(bp.add(k * NR + 8)),
             vld1q_f32(bp.add(k * NR + 12)),
         ];
-        for r in 0..M {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
             let av = *ap.add(r * lda + k);
-            for j in 0..4 {
-                acc[r][j] = vfmaq_n_f32(acc[r][j], bv[j], av);
+            for (v, &bj) in acc_r.iter_mut().zip(&bv) {
+                *v = vfmaq_n_f32(*v, bj, av);
             }
         }
     }
-    for r in 0..M {
-        for j in 0..4 {
-            vst1q_f32(cp.add(r * ldc + 4 * j), acc[r][j]);
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (j, v) in acc_r.iter().enumerate() {
+            vst1q_f32(cp.add(r * ldc + 4 * j), *v);
         }
     }
 }
@@ -228,27 +272,27 @@ pub(super) unsafe fn int8_tile<const M: usize, const N: usize>(
     let mut i = 0;
     while i + 16 <= k {
         let mut wv = [vdupq_n_s8(0); N];
-        for n in 0..N {
-            wv[n] = vld1q_s8(wp.add(n * ldw + i));
+        for (n, v) in wv.iter_mut().enumerate() {
+            *v = vld1q_s8(wp.add(n * ldw + i));
         }
-        for r in 0..M {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
             let av = vld1q_s8(ap.add(r * lda + i));
-            for n in 0..N {
-                let lo = vmull_s8(vget_low_s8(av), vget_low_s8(wv[n]));
-                let hi = vmull_high_s8(av, wv[n]);
-                acc[r][n] = vpadalq_s16(vpadalq_s16(acc[r][n], lo), hi);
+            for (a, &wn) in acc_r.iter_mut().zip(&wv) {
+                let lo = vmull_s8(vget_low_s8(av), vget_low_s8(wn));
+                let hi = vmull_high_s8(av, wn);
+                *a = vpadalq_s16(vpadalq_s16(*a, lo), hi);
             }
         }
         i += 16;
     }
     let mut out = [[0i32; N]; M];
-    for r in 0..M {
-        for n in 0..N {
-            let mut s = vaddvq_s32(acc[r][n]);
+    for (r, (out_r, acc_r)) in out.iter_mut().zip(&acc).enumerate() {
+        for (n, (o, &v)) in out_r.iter_mut().zip(acc_r).enumerate() {
+            let mut s = vaddvq_s32(v);
             for j in i..k {
                 s = s.wrapping_add(i32::from(a[r * lda + j]) * i32::from(w[n * ldw + j]));
             }
-            out[r][n] = s;
+            *o = s;
         }
     }
     out

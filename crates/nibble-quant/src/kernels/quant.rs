@@ -151,6 +151,8 @@ pub(crate) fn encode_4bit<T: Element>(isa: Isa, x: &[T], scale: Scale, t: &Quant
 }
 
 /// 32 values at a time: 15 compares per value, counted in independent lanes.
+// `!(b >= s)` is deliberate: it is true for NaN, which is how bucketize treats NaN.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn encode_portable<T: Element>(x: &[T], scale: Scale, t: &Quant4Tables, out: &mut [u8]) {
     for (xc, oc) in x.chunks_exact(32).zip(out.chunks_exact_mut(16)) {
         let mut s = [0.0f32; 32];

@@ -1,0 +1,127 @@
+//! Matrix-vector products with a dense weight (f32, f16 or bf16) and f32 activations, for the
+//! unquantized layers of a quantized model (bitsandbytes keeps `lm_head` dense) when decoding.
+//!
+//! A decode step reads such a weight once per token, so what matters is streaming it at memory
+//! speed on every core; 16-bit weights are widened to f32 in registers (exactly), so a bf16
+//! weight costs half the bytes of its f32 copy and gives the same products.
+
+use half::{bf16, f16};
+use nibble_core::{Error, Result};
+use rayon::prelude::*;
+
+use super::{chunk_len, min_macs_per_matvec_task, Isa};
+
+/// A borrowed dense weight `[out, in]`, row-major.
+#[derive(Debug, Clone, Copy)]
+pub enum DenseWeight<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// IEEE half values.
+    F16(&'a [f16]),
+    /// bfloat16 values.
+    Bf16(&'a [bf16]),
+}
+
+impl DenseWeight<'_> {
+    fn len(&self) -> usize {
+        match self {
+            DenseWeight::F32(w) => w.len(),
+            DenseWeight::F16(w) => w.len(),
+            DenseWeight::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// `y = x W^T` for `rows` rows of `x` (`[rows, in_features]`, f32) and a dense weight
+/// `[out_features, in_features]`; returns `[rows, out_features]` f32, accumulated in f32. Meant for
+/// few rows (each row streams the whole weight). Uses [`Isa::detect`].
+///
+/// Errors: `w` or `x` not of the stated sizes.
+pub fn matmul_dense(w: DenseWeight<'_>, out_features: usize, in_features: usize, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    matmul_dense_with(Isa::detect(), w, out_features, in_features, x, rows)
+}
+
+/// [`matmul_dense`] with an explicit instruction set.
+///
+/// Errors: `isa` not supported by this CPU, or the size mismatches of [`matmul_dense`].
+pub fn matmul_dense_with(
+    isa: Isa,
+    w: DenseWeight<'_>,
+    out_features: usize,
+    in_features: usize,
+    x: &[f32],
+    rows: usize,
+) -> Result<Vec<f32>> {
+    isa.check()?;
+    if out_features.checked_mul(in_features) != Some(w.len()) {
+        return Err(Error::invalid_argument(
+            "w",
+            format!("has {} values, which is not {out_features} x {in_features}", w.len()),
+        ));
+    }
+    if rows.checked_mul(in_features) != Some(x.len()) {
+        return Err(Error::invalid_argument("x", format!("has {} values, which is not {rows} x {in_features}", x.len())));
+    }
+    let mut y = vec![0.0f32; rows * out_features];
+    if in_features == 0 {
+        return Ok(y);
+    }
+    let per_task = chunk_len(out_features, min_macs_per_matvec_task().div_ceil(in_features));
+    for (xr, yr) in x.chunks_exact(in_features).zip(y.chunks_exact_mut(out_features.max(1))) {
+        let run = |t: usize, yc: &mut [f32]| {
+            let o0 = t * per_task;
+            for (i, yo) in yc.iter_mut().enumerate() {
+                let (a, b) = ((o0 + i) * in_features, (o0 + i + 1) * in_features);
+                *yo = match w {
+                    DenseWeight::F32(w) => dot_f32(isa, &w[a..b], xr),
+                    DenseWeight::F16(w) => dot_f16(isa, &w[a..b], xr),
+                    DenseWeight::Bf16(w) => dot_bf16(isa, &w[a..b], xr),
+                };
+            }
+        };
+        if yr.len() <= per_task {
+            // One task: no thread-pool round trip.
+            run(0, yr);
+        } else {
+            yr.par_chunks_mut(per_task).enumerate().for_each(|(t, yc)| run(t, yc));
+        }
+    }
+    Ok(y)
+}
+
+fn dot_f32(isa: Isa, w: &[f32], x: &[f32]) -> f32 {
+    super::four_bit::dot(isa, w, x)
+}
+
+fn dot_bf16(isa: Isa, w: &[bf16], x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` passed `Isa::check` (avx2+fma+f16c detected); the kernel reads within
+        // both slices.
+        Isa::Avx2 => unsafe { super::avx2::dot_16bit::<false>(w.as_ptr().cast(), x, w.len()) },
+        _ => dot_widened(w, x, bf16::to_f32),
+    }
+}
+
+fn dot_f16(isa: Isa, w: &[f16], x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_bf16`.
+        Isa::Avx2 => unsafe { super::avx2::dot_16bit::<true>(w.as_ptr().cast(), x, w.len()) },
+        _ => dot_widened(w, x, f16::to_f32),
+    }
+}
+
+/// Portable dot product of a 16-bit row with f32 activations, eight partial sums.
+fn dot_widened<T: Copy>(w: &[T], x: &[f32], widen: impl Fn(T) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut cw = w.chunks_exact(8);
+    let mut cx = x.chunks_exact(8);
+    for (a, b) in (&mut cw).zip(&mut cx) {
+        for l in 0..8 {
+            acc[l] += widen(a[l]) * b[l];
+        }
+    }
+    let tail: f32 = cw.remainder().iter().zip(cx.remainder()).map(|(&a, b)| widen(a) * b).sum();
+    acc.iter().sum::<f32>() + tail
+}
