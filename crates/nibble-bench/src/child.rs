@@ -53,6 +53,9 @@ pub struct Measured {
     pub resident_bytes: u64,
     /// The largest weight tensor, in f32 bytes (the memory target allows two of them).
     pub largest_f32: u64,
+    /// Bytes of the checkpoint's files (safetensors or GGUF).
+    #[serde(default)]
+    pub checkpoint_bytes: u64,
 }
 
 /// The nibble configuration named `name`.
@@ -121,6 +124,7 @@ fn run_nibble(spec: &Spec) -> Result<Measured> {
         m.largest_f32 = m.largest_f32.max((l.in_features() * l.out_features() * 4) as u64);
     }
     m.resident_bytes = model.resident_weight_bytes() as u64;
+    m.checkpoint_bytes = checkpoint_bytes(&spec.path);
 
     let long = prompt(spec.prefill, vocab);
     let mut best = f64::INFINITY;
@@ -197,4 +201,21 @@ fn run_candle(spec: &Spec) -> Result<Measured> {
     }
     m.decode_tps = spec.decode.saturating_sub(1) as f64 / t.elapsed().as_secs_f64();
     Ok(m)
+}
+
+/// Total size of the weight files at `path` (a folder's `.safetensors` files, or one file).
+fn checkpoint_bytes(path: &std::path::Path) -> u64 {
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    if path.is_file() {
+        return size(path);
+    }
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .map(|p| size(&p))
+                .sum()
+        })
+        .unwrap_or(0)
 }

@@ -313,6 +313,8 @@ fn render(
          sampled every 2 ms until then (heap only).\n"
     );
 
+    memory_table(&mut s, rows);
+
     let _ = writeln!(s, "### Quantize-on-load throughput (one 5632 x 2048 matrix)\n");
     let _ = writeln!(s, "| quantizer | throughput |\n|---|---:|");
     for l in quant {
@@ -374,6 +376,45 @@ fn render(
         let _ = writeln!(s, "- Quantization ≥ 1 GB/s of bf16 input on {} threads: {:.2} GB/s: {}", machine.threads, q.value, mark(q.value >= 1.0));
     }
     s
+}
+
+/// The loading-memory bound of every nibble row: peak resident memory against the resident
+/// weights plus two of the largest tensor in f32 plus 100 MiB.
+fn memory_table(s: &mut String, rows: &[Row]) {
+    let _ = writeln!(s, "### Peak resident memory while loading\n");
+    let _ = writeln!(
+        s,
+        "Bound: resident weights + 2 × the largest weight tensor in f32 + 100 MiB. The checkpoint is memory-mapped \
+         and each tensor's pages are released (`MADV_DONTNEED`) once it is copied or quantized, so VmHWM (which counts \
+         mapped file pages too) stays near the loaded model.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| model | system | checkpoint | resident weights | largest tensor (f32) | bound | peak RSS (VmHWM) | peak anon. RSS | |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for r in rows {
+        let Ok(m) = &r.result else { continue };
+        if !r.system.starts_with("nibble") {
+            continue;
+        }
+        let limit = m.resident_bytes + 2 * m.largest_f32 + 100 * 1048576;
+        let ok = if m.peak_rss <= limit { "within" } else { "**over**" };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {} |",
+            r.model,
+            r.system,
+            mib(m.checkpoint_bytes),
+            mib(m.resident_bytes),
+            mib(m.largest_f32),
+            mib(limit),
+            mib(m.peak_rss),
+            mib(m.peak_anon),
+            ok
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// Replaces the `## Speed` section of `doc` (up to the next `## ` heading) with `report`, or

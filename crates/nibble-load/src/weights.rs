@@ -156,7 +156,33 @@ impl Weights {
             expected: "a float or integer dtype candle supports".into(),
             found: format!("{:?}", raw.dtype),
         })?;
-        Ok(Tensor::from_raw_buffer(raw.data, dtype, raw.shape, device)?)
+        let t = Tensor::from_raw_buffer(raw.data, dtype, raw.shape, device)?;
+        // The tensor owns a copy now; the mapped pages need not stay resident.
+        self.release(name);
+        Ok(t)
+    }
+
+    /// Drops the mapped pages of `name` from this process's resident memory (they stay in the
+    /// page cache, and a later read maps them again). Streaming loads call this once a tensor has
+    /// been copied or quantized, so that the peak resident memory of a load is the loaded model
+    /// plus the tensor in flight, not the whole checkpoint. Best effort: a failure only means the
+    /// pages stay resident until the map is dropped.
+    pub fn release(&self, name: &str) {
+        let Some(shard) = self.index.get(name).and_then(|&i| self.shards.get(i)) else { return };
+        let Some(info) = shard.meta.info(name) else { return };
+        let (start, end) = info.data_offsets;
+        let offset = shard.data_start + start;
+        if end <= start || offset + (end - start) > shard.mmap.len() {
+            return;
+        }
+        #[cfg(unix)]
+        {
+            // SAFETY: the map is a read-only shared mapping of a file: MADV_DONTNEED only
+            // unmaps its pages, and the next access faults in the same file bytes, so slices
+            // borrowed from the map keep reading what they read before. (memmap2 marks the
+            // advice unsafe for private writable maps, whose changes it would discard.)
+            let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, end - start) };
+        }
     }
 
     /// Loads `name`, checking that its shape is `expected`.
@@ -188,5 +214,39 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
         E::InvalidHeaderLength => "the header length points past the end of the file (truncated?)".into(),
         E::MetadataIncompleteBuffer => "the tensor data does not match the file size (truncated or padded)".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// A tensor read after its pages were released reads the same bytes (they come back from
+    /// the file), and releasing a name that is not there is a no-op.
+    #[test]
+    fn release_keeps_contents() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("nibble-release-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join("model.safetensors");
+        // Several pages, with a value pattern that a zero-filled page would not match.
+        let values: Vec<f32> = (0..100_000).map(|i| (i as f32).sin() + 2.0).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![values.len()], &bytes)
+            .map_err(|e| Error::invalid_argument("test tensor", e.to_string()))?;
+        safetensors::serialize_to_file([("w", view)], None, &path)
+            .map_err(|e| Error::invalid_argument("test file", e.to_string()))?;
+
+        let weights = Weights::open(std::slice::from_ref(&path))?;
+        let first = weights.tensor("w", &Device::Cpu)?.to_vec1::<f32>()?;
+        weights.release("w");
+        weights.release("absent");
+        let again = weights.tensor("w", &Device::Cpu)?.to_vec1::<f32>()?;
+        let raw_after = weights.raw("w")?.data.to_vec();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(first, values);
+        assert_eq!(again, values);
+        assert_eq!(raw_after, bytes);
+        Ok(())
     }
 }

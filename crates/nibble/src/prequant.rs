@@ -148,6 +148,9 @@ pub(crate) fn load_4bit(
         Absmax::F32(f32_values(&absmax_raw, &absmax_name)?)
     };
     let q = Packed4bit { packed: packed_raw.data.to_vec(), absmax, numel, blocksize, quant_type: qt };
+    // Copied: the mapped pages may leave this process's resident memory.
+    weights.release(weight);
+    weights.release(&absmax_name);
     q.validate().map_err(|e| Error::quant_state(weight, e.to_string()))?;
     Ok(Box::new(Linear4bit::from_packed(q, out_f, in_f, dtype, compute, device.clone())?))
 }
@@ -172,6 +175,7 @@ pub(crate) fn load_int8(
         });
     }
     let cb: Vec<i8> = raw.data.iter().map(|&b| b as i8).collect();
+    weights.release(weight);
     let base = weight.strip_suffix(".weight").unwrap_or(weight);
     let scb_name = format!("{base}.SCB");
     weights.check_shape(&scb_name, &[out_f])?;
