@@ -77,3 +77,31 @@ fn sampling_is_seeded_and_chat_template_renders() {
     let text = model.tokenizer().unwrap().decode(&ids, false).unwrap();
     assert!(text.starts_with("<|begin_of_text|><|start|>user\nhi<|eot_id|><|start|>assistant\n"), "{text:?}");
 }
+
+/// Logits of `ids` fed as a prefill of `split` tokens and then one token at a time (the decode
+/// step, which runs on host buffers for a CPU model in f32), stacked as `[seq, vocab]`.
+fn stepwise_logits(quant: BitsAndBytesConfig, ids: &[u32], split: usize) -> candle_core::Tensor {
+    use candle_core::{Device, Tensor};
+    let model = nibble::from_pretrained(&tiny_model(), quant, DeviceMap::Auto).unwrap();
+    let mut cache = model.new_cache();
+    let mut rows = Vec::new();
+    let prefill = Tensor::new(&ids[..split], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    rows.push(model.forward(&prefill, 0, &mut cache).unwrap().squeeze(0).unwrap());
+    for (i, &id) in ids.iter().enumerate().skip(split) {
+        let input = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        rows.push(model.forward(&input, i, &mut cache).unwrap().squeeze(0).unwrap());
+    }
+    assert_eq!(cache.len(), ids.len());
+    Tensor::cat(&rows, 0).unwrap()
+}
+
+#[test]
+fn decode_steps_match_transformers() {
+    let ids = reference_ids();
+    for split in [1, 3] {
+        let d = max_abs_diff(&stepwise_logits(BitsAndBytesConfig::none(), &ids, split), &reference("logits_f32"));
+        assert!(d < 1e-4, "f32, prefill {split}: max abs diff {d} >= 1e-4");
+        let d = max_abs_diff(&stepwise_logits(BitsAndBytesConfig::nf4(), &ids, split), &reference("logits_nf4"));
+        assert!(d < 2e-3, "nf4, prefill {split}: max abs diff {d} >= 2e-3");
+    }
+}

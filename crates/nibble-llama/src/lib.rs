@@ -5,12 +5,15 @@
 //! at layer boundaries and each layer's cache lives where the layer does. The model never looks at
 //! the weight format; a [`WeightProvider`] builds every linear layer.
 
+mod host;
 mod rope;
 
 use candle_core::{DType, Device, Tensor};
 use nibble_core::{Error, Result};
 use nibble_load::LlamaConfig;
 use nibble_quant::QuantLinear;
+
+use host::HostKv;
 
 pub use rope::Rope;
 
@@ -77,22 +80,46 @@ struct Layer {
 /// Per-layer key/value cache.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Slot>,
+}
+
+/// One layer's keys and values: tensors on the layer's device, or host buffers for a CPU layer
+/// computing in f32 (whose decode step appends in place, see `host`).
+#[derive(Debug, Clone, Default)]
+enum Slot {
+    #[default]
+    Empty,
+    Tensors(Tensor, Tensor),
+    Host(HostKv),
+}
+
+impl Slot {
+    fn len(&self) -> usize {
+        match self {
+            Slot::Empty => 0,
+            Slot::Tensors(k, _) => k.dim(2).unwrap_or(0),
+            Slot::Host(h) => h.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Slot::Empty => 0,
+            Slot::Tensors(k, v) => (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes(),
+            Slot::Host(h) => h.bytes(),
+        }
+    }
 }
 
 impl KvCache {
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self { layers: vec![Slot::Empty; num_layers] }
     }
 
     /// Number of positions cached.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .and_then(|(k, _)| k.dim(2).ok())
-            .unwrap_or(0)
+        self.layers.first().map_or(0, Slot::len)
     }
 
     /// Whether nothing is cached.
@@ -102,16 +129,12 @@ impl KvCache {
 
     /// Forgets every position.
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        self.layers.iter_mut().for_each(|l| *l = Slot::Empty);
     }
 
-    /// Bytes held by the cache.
+    /// Bytes held by the cache (host buffers count their spare capacity).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
+        self.layers.iter().map(Slot::bytes).sum()
     }
 }
 
@@ -245,6 +268,18 @@ impl Llama {
     /// Returns f32 logits `[batch, seq, vocab]`, or `[batch, 1, vocab]` for the last position only
     /// when `last_only` (generation needs no more).
     pub fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+        if rayon::current_thread_index().is_none() {
+            // Run the whole step on a thread of rayon's pool. The kernels split every product
+            // across the pool; called from outside it, each of the few hundred products of a
+            // decode step would park the caller and wake a worker (tens of microseconds each,
+            // as long as a small product itself). From inside, the caller takes its share of
+            // the work and idle workers steal the rest.
+            return rayon::scope(|_| self.forward_here(input_ids, offset, cache, last_only));
+        }
+        self.forward_here(input_ids, offset, cache, last_only)
+    }
+
+    fn forward_here(&self, input_ids: &Tensor, offset: usize, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t == 0 {
             return Err(Error::invalid_argument("input_ids", "needs at least one token"));
@@ -272,7 +307,17 @@ impl Llama {
                 other => other,
             };
             x = x.to_device(&layer.device).map_err(|e| on_device(e.into()))?;
-            x = self.layer_forward(layer, &x, offset, slot, mask.as_ref()).map_err(on_device)?;
+            x = match slot {
+                Slot::Host(kv) if t == 1 => self.layer_step_host(layer, &x, offset, kv),
+                Slot::Empty if t == 1 && self.host_path(&layer.device) => {
+                    let mut kv = HostKv::new(b, self.cfg.num_key_value_heads, self.cfg.head_dim);
+                    let y = self.layer_step_host(layer, &x, offset, &mut kv);
+                    *slot = Slot::Host(kv);
+                    y
+                }
+                _ => self.layer_forward(layer, &x, offset, slot, mask.as_ref()),
+            }
+            .map_err(on_device)?;
         }
         let x = x.to_device(&self.placement.head)?;
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
@@ -285,7 +330,7 @@ impl Llama {
         layer: &Layer,
         x: &Tensor,
         offset: usize,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Slot,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
@@ -304,7 +349,7 @@ impl Llama {
         a: &Attention,
         x: &Tensor,
         offset: usize,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Slot,
         mask: Option<&Tensor>,
         device: &Device,
     ) -> Result<Tensor> {
@@ -316,11 +361,7 @@ impl Llama {
         let (cos, sin) = self.rope.cos_sin(offset, t, self.dtype, device)?;
         let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
+        let (k, v) = self.extend_cache(cache, k, v, device)?;
         let rep = nh / nkv;
         let k = repeat_kv(&k, rep)?;
         let v = repeat_kv(&v, rep)?;
@@ -333,6 +374,37 @@ impl Llama {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         a.o.forward(&out)
+    }
+}
+
+impl Llama {
+    /// Appends this step's keys and values (`[batch, kv_heads, t, head_dim]`) to `cache` and
+    /// returns all of them. A CPU layer computing in f32 keeps host buffers, so its later decode
+    /// steps append in place; other layers keep tensors on their device.
+    fn extend_cache(&self, cache: &mut Slot, k: Tensor, v: Tensor, device: &Device) -> Result<(Tensor, Tensor)> {
+        match std::mem::take(cache) {
+            Slot::Tensors(pk, pv) => {
+                let (k, v) = (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?);
+                *cache = Slot::Tensors(k.clone(), v.clone());
+                Ok((k, v))
+            }
+            Slot::Empty if !self.host_path(device) => {
+                *cache = Slot::Tensors(k.clone(), v.clone());
+                Ok((k, v))
+            }
+            slot => {
+                let (b, heads, t, d) = k.dims4()?;
+                let mut kv = match slot {
+                    Slot::Host(kv) => kv,
+                    _ => HostKv::new(b, heads, d),
+                };
+                let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+                kv.append(&flat(&k)?, &flat(&v)?, t)?;
+                let all = kv.tensors(device)?;
+                *cache = Slot::Host(kv);
+                Ok(all)
+            }
+        }
     }
 }
 

@@ -41,6 +41,12 @@ impl Rope {
         Ok(Self { inv_freq: scaled.iter().map(|&f| f as f32).collect() })
     }
 
+    /// cos and sin of position `pos`, `head_dim / 2` values each (the host decode step's).
+    pub(crate) fn cos_sin_host(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
+        // The same f32 angle as `cos_sin`.
+        self.inv_freq.iter().map(|&f| (pos as f32 * f).cos()).zip(self.inv_freq.iter().map(|&f| (pos as f32 * f).sin())).unzip()
+    }
+
     /// cos and sin, each `[len, head_dim / 2]` in `dtype`, for positions `start..start + len`.
     pub fn cos_sin(&self, start: usize, len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();

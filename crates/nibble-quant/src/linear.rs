@@ -26,6 +26,14 @@ pub trait QuantLinear: std::fmt::Debug + Send + Sync {
     fn dequantized_weight(&self, dtype: DType) -> Result<Tensor>;
     /// The underlying storage, for saving in the bitsandbytes layout.
     fn storage(&self) -> LinearStorage<'_>;
+    /// [`QuantLinear::forward`] for a layer on the CPU with f32 activations in host memory:
+    /// `rows` rows of `in_features` values in, `rows x out_features` f32 values out. The model's
+    /// decode step calls this a few hundred times per token, so the formats that can skip
+    /// making tensors override it; the results are the same as `forward`'s.
+    fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let t = Tensor::from_slice(x, (rows, self.in_features()), &Device::Cpu)?;
+        Ok(self.forward(&t)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
 }
 
 /// Borrowed view of a layer's storage, for serialization.
@@ -124,6 +132,21 @@ impl DenseLinear {
 }
 
 impl QuantLinear for DenseLinear {
+    fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (n_out, n_in) = (self.out_features(), self.in_features());
+        if rows <= DENSE_GEMV_MAX_ROWS && self.bias.is_none() && x.len() == rows * n_in {
+            let (storage, layout) = self.weight.storage_and_layout();
+            if let (Some((start, end)), candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v))) =
+                (layout.contiguous_offsets(), &*storage)
+            {
+                if let Some(w) = v.get(start..end) {
+                    return kernels::matmul_dense(kernels::DenseWeight::F32(w), n_out, n_in, x, rows);
+                }
+            }
+        }
+        let t = Tensor::from_slice(x, (rows, n_in), &Device::Cpu)?;
+        Ok(self.forward(&t)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.in_features())?;
         let y = match self.forward_gemv(x)? {
@@ -306,6 +329,27 @@ impl Linear4bit {
 }
 
 impl QuantLinear for Linear4bit {
+    fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        match self.rounding() {
+            // f32 compute: `forward_fused` reads f32 activations as they are and returns f32.
+            Some(r) if self.device.is_cpu() && self.compute_dtype == DType::F32 => {
+                let m = Matrix4bit::new(
+                    &self.q.packed,
+                    &self.absmax,
+                    self.out_features,
+                    self.in_features,
+                    self.q.blocksize,
+                    self.q.quant_type,
+                    r,
+                )?;
+                kernels::matmul_4bit(&m, x, rows)
+            }
+            _ => {
+                let t = Tensor::from_slice(x, (rows, self.in_features), &Device::Cpu)?;
+                Ok(self.forward(&t)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+            }
+        }
+    }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.in_features)?;
         match self.rounding() {

@@ -37,6 +37,12 @@ mod neon;
 use std::sync::OnceLock;
 
 pub use dense::{matmul_dense, matmul_dense_with, DenseWeight};
+
+/// `sum a[i] b[i]` over the common length, with the best SIMD this CPU has (the model's
+/// attention uses it on the host).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    four_bit::dot(Isa::detect(), a, b)
+}
 pub use four_bit::{matmul_4bit, matmul_4bit_with, Matrix4bit, Precision, Rounding};
 pub use int8::{int8_matmul_i32, int8_matmul_i32_with};
 pub use quant::{int8_vectorwise_quant_with, quantize_4bit_with};

@@ -1,0 +1,222 @@
+//! The decode step of a CPU layer computing in f32, on plain host buffers.
+//!
+//! A decode step is one token through every layer: a few hundred small operations per token.
+//! Through candle each is a tensor with its own allocation, dispatch and layout checks, which
+//! together cost as much as reading the weights. Here a layer's step is a handful of loops over
+//! `Vec<f32>`, the linear layers are called through [`QuantLinear::forward_f32`], and the keys
+//! and values live in a growable host buffer that the step appends to instead of copying
+//! ([`HostKv`]). The arithmetic is the candle path's, op for op (RMSNorm, rotate-half RoPE,
+//! scaled dot-product attention with a max-subtracted softmax, SiLU), so both paths agree to
+//! float rounding; prefill (many tokens at once) stays on candle, whose blocked matmuls win
+//! there, and shares the same cache.
+
+use candle_core::{Device, Tensor};
+use nibble_core::{Error, Result};
+use nibble_quant::kernels::dot_f32;
+use rayon::prelude::*;
+
+use crate::{Layer, Llama};
+
+/// Keys and values of one layer in host memory, `[batch, kv_heads, capacity, head_dim]` each,
+/// the first `len` positions in use. Appending grows the capacity geometrically, so a token
+/// costs its own keys and values, not a copy of the whole cache.
+#[derive(Debug, Clone)]
+pub(crate) struct HostKv {
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    len: usize,
+    cap: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl HostKv {
+    /// An empty cache for `batch x heads` key/value heads of `head_dim`.
+    pub(crate) fn new(batch: usize, heads: usize, head_dim: usize) -> Self {
+        Self { batch, heads, head_dim, len: 0, cap: 0, k: Vec::new(), v: Vec::new() }
+    }
+
+    /// Positions cached.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * 4
+    }
+
+    /// Appends `t` positions of keys and values, each `[batch, heads, t, head_dim]`.
+    pub(crate) fn append(&mut self, k: &[f32], v: &[f32], t: usize) -> Result<()> {
+        let (bh, d) = (self.batch * self.heads, self.head_dim);
+        if k.len() != bh * t * d || v.len() != k.len() {
+            return Err(Error::invalid_argument(
+                "kv cache",
+                format!("{} key values for {bh} heads x {t} positions x {d}", k.len()),
+            ));
+        }
+        if self.len + t > self.cap {
+            let cap = (self.len + t).max(2 * self.cap).max(64);
+            let regrow = |old: &[f32]| {
+                let mut new = vec![0.0f32; bh * cap * d];
+                for (dst, src) in new.chunks_exact_mut(cap * d).zip(old.chunks_exact((self.cap * d).max(1))) {
+                    dst[..self.len * d].copy_from_slice(&src[..self.len * d]);
+                }
+                new
+            };
+            self.k = regrow(&self.k);
+            self.v = regrow(&self.v);
+            self.cap = cap;
+        }
+        let (at, n) = (self.len * d, t * d);
+        for ((kd, vd), (ks, vs)) in self
+            .k
+            .chunks_exact_mut(self.cap * d)
+            .zip(self.v.chunks_exact_mut(self.cap * d))
+            .zip(k.chunks_exact(n).zip(v.chunks_exact(n)))
+        {
+            kd[at..at + n].copy_from_slice(ks);
+            vd[at..at + n].copy_from_slice(vs);
+        }
+        self.len += t;
+        Ok(())
+    }
+
+    /// The cached keys and values as `[batch, heads, len, head_dim]` tensors (copies), for the
+    /// candle attention of a prefill step.
+    pub(crate) fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let d = self.head_dim;
+        let gather = |buf: &[f32]| -> Vec<f32> {
+            buf.chunks_exact((self.cap * d).max(1)).flat_map(|h| h[..self.len * d].iter().copied()).collect()
+        };
+        let shape = (self.batch, self.heads, self.len, d);
+        Ok((Tensor::from_vec(gather(&self.k), shape, device)?, Tensor::from_vec(gather(&self.v), shape, device)?))
+    }
+
+    /// Keys and values of head `h` of batch row `b`: `len` rows of `head_dim` each (empty for
+    /// a head outside the cache).
+    fn head(&self, b: usize, h: usize) -> (&[f32], &[f32]) {
+        let start = (b * self.heads + h) * self.cap * self.head_dim;
+        let range = start..start + self.len * self.head_dim;
+        (self.k.get(range.clone()).unwrap_or(&[]), self.v.get(range).unwrap_or(&[]))
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * w` per row of `w.len()` values, as candle's `rms_norm`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(w.len().max(1)) {
+        let sum2 = sum_squares(row);
+        let m = (sum2 / row.len() as f32 + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(&v, &g)| v / m * g));
+    }
+    out
+}
+
+/// Eight running sums, so the loop vectorizes.
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Rotate-half RoPE of every `head_dim`-wide head in `x`, in place (candle's `rope`).
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(2 * half) {
+        let (a, b) = head.split_at_mut(half);
+        for (((x1, x2), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+            let (u, v) = (*x1, *x2);
+            *x1 = u * c - v * s;
+            *x2 = u * s + v * c;
+        }
+    }
+}
+
+/// Softmax of `s` in place, max-subtracted (candle's `softmax_last_dim`).
+fn softmax(s: &mut [f32]) {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in s.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in s.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Attention work (query heads x positions x head_dim) above which heads run in parallel.
+const PAR_ATTENTION_MACS: usize = 1 << 16;
+
+impl Llama {
+    /// Whether a layer on `device` runs its decode steps on host buffers.
+    pub(crate) fn host_path(&self, device: &Device) -> bool {
+        device.is_cpu() && self.dtype == candle_core::DType::F32
+    }
+
+    /// One token per batch row through `layer`: `x` is `[batch, 1, hidden]` at position `pos`.
+    pub(crate) fn layer_step_host(&self, layer: &Layer, x: &Tensor, pos: usize, kv: &mut HostKv) -> Result<Tensor> {
+        let (b, _, h) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+
+        let hn = rms_norm(&xs, &layer.input_norm.to_vec1::<f32>()?, eps);
+        let mut q = layer.attn.q.forward_f32(&hn, b)?;
+        let mut k = layer.attn.k.forward_f32(&hn, b)?;
+        let v = layer.attn.v.forward_f32(&hn, b)?;
+        let (cos, sin) = self.rope.cos_sin_host(pos);
+        rope(&mut q, &cos, &sin);
+        rope(&mut k, &cos, &sin);
+        // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
+        kv.append(&k, &v, 1)?;
+        let attn = self.attend(&q, kv, b, nh, nkv, hd)?;
+        let o = layer.attn.o.forward_f32(&attn, b)?;
+        xs.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+
+        let hn = rms_norm(&xs, &layer.post_norm.to_vec1::<f32>()?, eps);
+        let gate = layer.mlp.gate.forward_f32(&hn, b)?;
+        let up = layer.mlp.up.forward_f32(&hn, b)?;
+        let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+        let down = layer.mlp.down.forward_f32(&act, b)?;
+        xs.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        Ok(Tensor::from_vec(xs, (b, 1, h), &Device::Cpu)?)
+    }
+
+    /// Scaled dot-product attention of one query position per batch row (`q` is
+    /// `[batch, heads, head_dim]`) over every cached position; returns `[batch, heads * head_dim]`.
+    fn attend(&self, q: &[f32], kv: &HostKv, b: usize, nh: usize, nkv: usize, hd: usize) -> Result<Vec<f32>> {
+        let rep = nh / nkv.max(1);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let t = kv.len();
+        let head = |(i, out): (usize, &mut [f32])| {
+            let (bi, hi) = (i / nh, i % nh);
+            let qh = &q[i * hd..(i + 1) * hd];
+            let (keys, values) = kv.head(bi, hi / rep);
+            let mut s: Vec<f32> = keys.chunks_exact(hd).map(|kr| dot_f32(qh, kr) * scale).collect();
+            softmax(&mut s);
+            out.fill(0.0);
+            for (p, vr) in s.iter().zip(values.chunks_exact(hd)) {
+                out.iter_mut().zip(vr).for_each(|(o, v)| *o += p * v);
+            }
+        };
+        let mut out = vec![0.0f32; b * nh * hd];
+        if q.len() != out.len() {
+            return Err(Error::invalid_argument("query", format!("{} values for {b} x {nh} heads of {hd}", q.len())));
+        }
+        if b * nh * t * hd >= PAR_ATTENTION_MACS {
+            out.par_chunks_mut(hd).enumerate().for_each(head);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(head);
+        }
+        Ok(out)
+    }
+}
