@@ -33,6 +33,34 @@ pub(super) fn permute_x(x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The order in which [`gemv_row64`] produces the 64 weights of a 32-byte chunk: high nibbles
+/// (even weights) of the chunk's 32 bytes, then low nibbles (odd weights); within each, four
+/// vectors of 8 as [`lookup32`] leaves them (two 4-value halves per vector, one per 128-bit lane).
+const ORDER64: [usize; 64] = {
+    let mut o = [0usize; 64];
+    let mut p = 0;
+    while p < 64 {
+        let (nib, v, lane, e) = (p / 32, (p / 8) % 4, (p / 4) % 2, p % 4);
+        // Byte `j` of the chunk holds weights 2j (high nibble) and 2j + 1 (low nibble).
+        let j = 16 * lane + 8 * (v / 2) + v % 2 + 2 * e;
+        o[p] = 2 * j + nib;
+        p += 1;
+    }
+    o
+};
+
+/// Activations in the order [`gemv_row64`] produces weights ([`ORDER64`] per 64 values); `x`'s
+/// length is a multiple of 64 where that kernel is used (a shorter tail is copied as it is).
+pub(super) fn permute_x64(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    let mut chunks = x.chunks_exact(64);
+    for c in &mut chunks {
+        out.extend(ORDER64.iter().map(|&i| c[i]));
+    }
+    out.extend_from_slice(chunks.remainder());
+    out
+}
+
 /// Horizontal sum of 8 lanes.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -192,12 +220,10 @@ unsafe fn pair_tables_scalar<const MODE: u8>(w: &Matrix4bit<'_>, a: usize, b: us
 /// After the byte lookups, `unpack*_epi8` pairs the bytes into 16-bit lanes (lane 0: values
 /// 0 2 4 .. 14, lane 1: 1 3 .. 15, and the same + 16); 16-bit lanes become f32 with a shift
 /// (even lanes) or a mask (odd lanes), which run on more execution ports than 16-bit unpacks.
+/// `hi16` is the mask `0xffff0000` in every lane, made by [`hi16_mask`] once per call.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn lookup32<const MODE: u8>(t: &[__m256i; 4], idx: __m256i) -> [__m256; 4] {
-    // Opaque to the optimizer, so the masks stay `vpand` (which runs on every vector port)
-    // instead of being turned into `vpblendw` (which competes with the shuffles).
-    let hi16 = std::hint::black_box(_mm256_set1_epi32(-65536));
+unsafe fn lookup32<const MODE: u8>(t: &[__m256i; 4], idx: __m256i, hi16: __m256i) -> [__m256; 4] {
     if two_planes(MODE) {
         let b2 = _mm256_shuffle_epi8(t[0], idx);
         let b3 = _mm256_shuffle_epi8(t[1], idx);
@@ -225,6 +251,15 @@ unsafe fn lookup32<const MODE: u8>(t: &[__m256i; 4], idx: __m256i) -> [__m256; 4
         _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(lb, lo16), _mm256_slli_epi32(hb, 16))),
         _mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(lb, 16), _mm256_and_si256(hb, hi16))),
     ]
+}
+
+/// The mask `0xffff0000` in every 32-bit lane, opaque to the optimizer so that masking with it
+/// stays `vpand` (which runs on every vector port) instead of becoming `vpblendw` (which
+/// competes with the shuffles). Made once per call and kept in a register.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hi16_mask() -> __m256i {
+    std::hint::black_box(_mm256_set1_epi32(-65536))
 }
 
 /// Up to four activation rows at once against weight rows `row0 .. row0 + n` whose width is a
@@ -288,6 +323,7 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
         *q = _mm256_setr_m128(l, l);
     }
     let low4 = _mm256_set1_epi8(0x0f);
+    let hi16 = hi16_mask();
     let nib_shift = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
     let xs: [&[f32]; R] = std::array::from_fn(|j| &xp[j * n_in..(j + 1) * n_in]);
     // Table slots: per pair of blocks (A, B), plane k of block A at 8p + 2k, of B at 8p + 2k + 1.
@@ -339,7 +375,7 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
             // lanes (a plain load), lane 0 is shifted to its high nibbles.
             let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(pb.as_ptr().cast()));
             let idx = _mm256_and_si256(_mm256_srlv_epi32(v, nib_shift), low4);
-            let f = lookup32::<MODE>(&t, idx);
+            let f = lookup32::<MODE>(&t, idx, hi16);
             for (a, x) in acc.iter_mut().zip(&xs) {
                 // `x` has `n_in` values and 32 g + 32 <= n_in.
                 let xpp = x.as_ptr().add(32 * g);
@@ -359,6 +395,108 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
         for (j, a) in acc.iter().enumerate() {
             out[i * stride + off + j] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
         }
+    }
+}
+
+/// One activation row against weight rows `row0 .. row0 + out.len()` whose width is a multiple
+/// of 64 and of the block size: `out[i] = W[row0 + i, :] . x`, with `xp` the row [`permute_x64`]-ed.
+///
+/// The decode kernel of choice: every row starts on a block boundary, so the loop walks 32-byte
+/// chunks (64 weights, one or two blocks) with no per-weight index arithmetic, splitting high and
+/// low nibbles of a whole chunk with one shift and two masks, and keeps eight accumulators so
+/// that FMA latency never limits it.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c. `w.in_features % 64 == 0`,
+/// `w.in_features % w.blocksize == 0`, `xp.len() == w.in_features`,
+/// `row0 + out.len() <= w.out_features`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn gemv_row64(w: &Matrix4bit<'_>, xp: &[f32], out: &mut [f32], row0: usize) {
+    match mode_of(w.rounding) {
+        MODE_BF16 => gemv_row64_impl::<MODE_BF16>(w, xp, out, row0),
+        MODE_F16_BF16 => gemv_row64_impl::<MODE_F16_BF16>(w, xp, out, row0),
+        MODE_F32 => gemv_row64_impl::<MODE_F32>(w, xp, out, row0),
+        MODE_BF16_F16 => gemv_row64_impl::<MODE_BF16_F16>(w, xp, out, row0),
+        _ => gemv_row64_impl::<MODE_F16>(w, xp, out, row0),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_row64_impl<const MODE: u8>(w: &Matrix4bit<'_>, xp: &[f32], out: &mut [f32], row0: usize) {
+    let n_in = w.in_features;
+    let bs = w.blocksize;
+    let bs_shift = bs.trailing_zeros();
+    let mut lq = [_mm256_setzero_ps(); 4];
+    for (i, q) in lq.iter_mut().enumerate() {
+        let l = _mm_loadu_ps(w.lut.as_ptr().add(4 * i));
+        *q = _mm256_setr_m128(l, l);
+    }
+    let low4 = _mm256_set1_epi8(0x0f);
+    let hi16 = hi16_mask();
+    let n_planes = if two_planes(MODE) { 2 } else { 4 };
+    let blocks = n_in >> bs_shift;
+    // Table slots as in `gemv_rows_impl`: per pair of blocks (A, B), plane k of A at 8p + 2k and
+    // of B at 8p + 2k + 1, so that a pair's plane is one 32-byte load `[A | B]` and one block's
+    // plane a 16-byte broadcast.
+    let mut tabs = vec![_mm_setzero_si128(); blocks.div_ceil(2) * 8];
+    let chunks = n_in / 64;
+    let xpp = xp.as_ptr();
+    for (i, o) in out.iter_mut().enumerate() {
+        let start = (row0 + i) * n_in;
+        let b0 = start >> bs_shift;
+        let scales = &w.absmax[b0..b0 + blocks];
+        let finite = scales.iter().fold(true, |ok, s| ok & s.is_finite());
+        for (p, (pair, slots)) in scales.chunks(2).zip(tabs.chunks_exact_mut(8)).enumerate() {
+            // An odd last block pairs with itself; the copy in lane B is never read.
+            let (sa, sb) = (pair[0], pair[pair.len() - 1]);
+            let planes = if finite {
+                pair_tables::<MODE>(&lq, sa, sb)
+            } else {
+                let a = b0 + 2 * p;
+                pair_tables_scalar::<MODE>(w, a, a + pair.len() - 1)
+            };
+            let sp = slots.as_mut_ptr();
+            for (k, plane) in planes.iter().take(n_planes).enumerate() {
+                _mm256_storeu_si256(sp.add(2 * k).cast(), *plane);
+            }
+        }
+        let bytes = w.packed.as_ptr().add(start / 2);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let tp = tabs.as_ptr();
+        for c in 0..chunks {
+            // The chunk's planes: lane 0 for its first 32 weights, lane 1 for the last 32. With
+            // blocks of 32 those are blocks 2c and 2c + 1, pair c: a plain 32-byte load. With
+            // larger blocks both lanes take block j, broadcast.
+            // (No closure: it would not inherit `target_feature`.)
+            let mut t = [low4; 4];
+            for (k, tk) in t.iter_mut().enumerate().take(n_planes) {
+                *tk = if bs == 32 {
+                    _mm256_loadu_si256(tp.add(8 * c + 2 * k).cast())
+                } else {
+                    let j = (64 * c) >> bs_shift;
+                    _mm256_broadcastsi128_si256(*tp.add(8 * (j >> 1) + (j & 1) + 2 * k))
+                };
+            }
+            // 32 bytes of this row: `start / 2 + 32 c + 32 <= (start + n_in) / 2`.
+            let v = _mm256_loadu_si256(bytes.add(32 * c).cast());
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            let lo = _mm256_and_si256(v, low4);
+            let fh = lookup32::<MODE>(&t, hi, hi16);
+            let fl = lookup32::<MODE>(&t, lo, hi16);
+            // `xp` has n_in values: 64 c + 64 <= n_in.
+            let xc = xpp.add(64 * c);
+            acc[0] = _mm256_fmadd_ps(fh[0], _mm256_loadu_ps(xc), acc[0]);
+            acc[1] = _mm256_fmadd_ps(fh[1], _mm256_loadu_ps(xc.add(8)), acc[1]);
+            acc[2] = _mm256_fmadd_ps(fh[2], _mm256_loadu_ps(xc.add(16)), acc[2]);
+            acc[3] = _mm256_fmadd_ps(fh[3], _mm256_loadu_ps(xc.add(24)), acc[3]);
+            acc[4] = _mm256_fmadd_ps(fl[0], _mm256_loadu_ps(xc.add(32)), acc[4]);
+            acc[5] = _mm256_fmadd_ps(fl[1], _mm256_loadu_ps(xc.add(40)), acc[5]);
+            acc[6] = _mm256_fmadd_ps(fl[2], _mm256_loadu_ps(xc.add(48)), acc[6]);
+            acc[7] = _mm256_fmadd_ps(fl[3], _mm256_loadu_ps(xc.add(56)), acc[7]);
+        }
+        let s0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let s1 = _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7]));
+        *o = hsum(_mm256_add_ps(s0, s1));
     }
 }
 
@@ -388,6 +526,7 @@ unsafe fn decode_aligned_impl<const MODE: u8>(w: &Matrix4bit<'_>, e0: usize, out
         *q = _mm256_setr_m128(l, l);
     }
     let low4 = _mm256_set1_epi8(0x0f);
+    let hi16 = hi16_mask();
     let nib_shift = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
     let mut cur = usize::MAX;
     let mut t = [_mm256_setzero_si256(); 4];
@@ -408,7 +547,7 @@ unsafe fn decode_aligned_impl<const MODE: u8>(w: &Matrix4bit<'_>, e0: usize, out
         // `pb` has 16 bytes (exact chunk).
         let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(pb.as_ptr().cast()));
         let idx = _mm256_and_si256(_mm256_srlv_epi32(v, nib_shift), low4);
-        let f = lookup32::<MODE>(&t, idx);
+        let f = lookup32::<MODE>(&t, idx, hi16);
         let tp = tmp.as_mut_ptr();
         for (j, fj) in f.iter().enumerate() {
             // `tmp` has 32 floats: j * 8 + 8 <= 32.

@@ -269,6 +269,21 @@ pub fn matmul_4bit_with(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize) ->
 #[cfg(target_arch = "x86_64")]
 fn gemv_avx2(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
     let (n_in, n_out) = (w.in_features, w.out_features);
+    if rows == 1 && n_in.is_multiple_of(64) && n_in.is_multiple_of(w.blocksize) {
+        // Decode of one token with rows made of whole blocks (nearly every real model).
+        let xp = super::avx2::permute_x64(x);
+        let per_task = chunk_len(n_out, min_macs_per_matvec_task().div_ceil(n_in));
+        // SAFETY: `matmul_4bit_with` checked `Isa::Avx2`; rows are a multiple of 64 and of the
+        // block size wide, `xp` holds one row of `n_in`, and each task's rows exist (`y` has
+        // `n_out` values).
+        let run = |o0: usize, yc: &mut [f32]| unsafe { super::avx2::gemv_row64(w, &xp, yc, o0) };
+        if n_out <= per_task {
+            run(0, y);
+        } else {
+            y.par_chunks_mut(per_task).enumerate().for_each(|(t, yc)| run(t * per_task, yc));
+        }
+        return;
+    }
     // The kernel decodes weights in an interleaved order; permuting x once per call to match is
     // cheaper than un-permuting every decoded weight.
     let xp: Vec<f32> = x.chunks_exact(n_in).flat_map(super::avx2::permute_x).collect();
