@@ -49,8 +49,14 @@ pub trait WeightProvider {
         device: &Device,
     ) -> Result<Box<dyn QuantLinear>>;
 
-    /// Loads a dense tensor (an embedding, a norm weight) of `shape` on `device`.
+    /// Loads a dense tensor (a norm weight) of `shape` on `device`, in the compute dtype.
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor>;
+
+    /// Loads the token embedding `[vocab, hidden]`: in the compute dtype, or in a narrower dtype
+    /// that widens to it exactly (the model converts the rows it looks up).
+    fn embedding(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.tensor(name, shape, device)
+    }
 }
 
 #[derive(Debug)]
@@ -165,7 +171,7 @@ impl Llama {
         }
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
-        let embed = weights.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h], &placement.embed)?;
+        let embed = weights.embedding("model.embed_tokens.weight", &[cfg.vocab_size, h], &placement.embed)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (i, device) in placement.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -298,7 +304,11 @@ impl Llama {
             ));
         }
         let ids = input_ids.to_device(&self.placement.embed)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.dtype)?
+            .reshape((b, t, self.cfg.hidden_size))?;
         let mask = causal_mask(t, offset)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             // A device running out of memory mid-forward is reported as such, with the device named.

@@ -80,15 +80,38 @@ fn check_input(x: &Tensor, in_features: usize) -> Result<()> {
 pub struct DenseLinear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The dtype activations and outputs are in; the weight may be stored narrower
+    /// ([`dense_storage_dtype`]).
+    compute: DType,
+}
+
+/// The dtype a dense (unquantized) weight stored as `stored` is kept in when the model computes
+/// in `compute`: a 16-bit weight stays 16-bit under f32 compute, because widening it is exact
+/// (the products are the same whether the weight is widened at load or in the kernel), and it
+/// halves the bytes held and read per token; otherwise the compute dtype. transformers likewise
+/// keeps unquantized modules in the checkpoint's dtype.
+pub fn dense_storage_dtype(stored: DType, compute: DType) -> DType {
+    match (stored, compute) {
+        (DType::BF16 | DType::F16, DType::F32) => stored,
+        _ => compute,
+    }
 }
 
 impl DenseLinear {
     /// Wraps a weight `[out, in]` (and optional bias `[out]`), already in the compute dtype.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let compute = weight.dtype();
+        Self::with_compute_dtype(weight, bias, compute)
+    }
+
+    /// Wraps a weight `[out, in]` stored in its own dtype (see [`dense_storage_dtype`]) for a
+    /// model computing in `compute`: inputs and outputs are `compute`, the weight is widened
+    /// where it is used.
+    pub fn with_compute_dtype(weight: Tensor, bias: Option<Tensor>, compute: DType) -> Result<Self> {
         if weight.rank() != 2 {
             return Err(Error::invalid_argument("weight", format!("must be 2-D, got {:?}", weight.dims())));
         }
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, compute })
     }
 }
 
@@ -108,9 +131,9 @@ impl DenseLinear {
             return Ok(None);
         }
         let (n_out, n_in) = (self.out_features(), self.in_features());
-        let dtype = self.weight.dtype();
-        // Widening to f32 is exact for f16/bf16 activations, so the products are the ones
-        // candle's matmul forms (it accumulates 16-bit products in f32 too).
+        let dtype = self.compute;
+        // Widening to f32 is exact for f16/bf16 activations and weights, so the products are
+        // the ones candle's matmul forms (it accumulates 16-bit products in f32 too).
         let xf: Vec<f32> = x.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let y = {
             let (storage, layout) = self.weight.storage_and_layout();
@@ -136,12 +159,18 @@ impl QuantLinear for DenseLinear {
         let (n_out, n_in) = (self.out_features(), self.in_features());
         if rows <= DENSE_GEMV_MAX_ROWS && self.bias.is_none() && x.len() == rows * n_in {
             let (storage, layout) = self.weight.storage_and_layout();
-            if let (Some((start, end)), candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v))) =
-                (layout.contiguous_offsets(), &*storage)
-            {
-                if let Some(w) = v.get(start..end) {
-                    return kernels::matmul_dense(kernels::DenseWeight::F32(w), n_out, n_in, x, rows);
-                }
+            let w = match (layout.contiguous_offsets(), &*storage, self.compute) {
+                // f32 compute: f32 activations as they are, the weight widened exactly.
+                (Some((a, b)), candle_core::Storage::Cpu(cpu), DType::F32) => match cpu {
+                    candle_core::CpuStorage::F32(v) => v.get(a..b).map(kernels::DenseWeight::F32),
+                    candle_core::CpuStorage::BF16(v) => v.get(a..b).map(kernels::DenseWeight::Bf16),
+                    candle_core::CpuStorage::F16(v) => v.get(a..b).map(kernels::DenseWeight::F16),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(w) = w {
+                return kernels::matmul_dense(w, n_out, n_in, x, rows);
             }
         }
         let t = Tensor::from_slice(x, (rows, n_in), &Device::Cpu)?;
@@ -151,7 +180,8 @@ impl QuantLinear for DenseLinear {
         check_input(x, self.in_features())?;
         let y = match self.forward_gemv(x)? {
             Some(y) => y,
-            None => matmul_t(x, &self.weight)?,
+            // Widened per call: a 16-bit weight under f32 compute (many rows: prefill, logits).
+            None => matmul_t(x, &self.weight.to_dtype(self.compute)?)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -7,7 +7,7 @@ use indicatif::ProgressBar;
 use nibble_core::Result;
 use nibble_llama::WeightProvider;
 use nibble_load::Weights;
-use nibble_quant::{BitsAndBytesConfig, DenseLinear, Linear4bit, Linear8bit, QuantLinear, QuantMethod};
+use nibble_quant::{dense_storage_dtype, BitsAndBytesConfig, DenseLinear, Linear4bit, Linear8bit, QuantLinear, QuantMethod};
 
 use crate::prequant::{self, Stored};
 
@@ -17,6 +17,17 @@ pub(crate) struct CheckpointProvider<'a> {
     pub quant: &'a BitsAndBytesConfig,
     pub compute: DType,
     pub progress: ProgressBar,
+}
+
+/// The dtype an unquantized weight stored as `stored` is held in on `device`: on the CPU a
+/// 16-bit weight under f32 compute stays 16-bit (exact, half the memory and bandwidth; see
+/// [`dense_storage_dtype`]); accelerators hold the compute dtype, where their matmuls want it.
+fn host_storage_dtype(stored: DType, compute: DType, device: &Device) -> DType {
+    if device.is_cpu() {
+        dense_storage_dtype(stored, compute)
+    } else {
+        compute
+    }
 }
 
 /// Builds the linear layer `name` from its dense weight `w` (`[out, in]`, on the CPU, in the dtype
@@ -32,7 +43,10 @@ pub(crate) fn quantize_or_dense(
 ) -> Result<Box<dyn QuantLinear>> {
     let method = if quant.skips(name) { QuantMethod::None } else { quant.method() };
     Ok(match method {
-        QuantMethod::None => Box::new(DenseLinear::new(w.to_dtype(compute)?.to_device(device)?, None)?),
+        QuantMethod::None => {
+            let stored = host_storage_dtype(w.dtype(), compute, device);
+            Box::new(DenseLinear::with_compute_dtype(w.to_dtype(stored)?.to_device(device)?, None, compute)?)
+        }
         QuantMethod::FourBit(qt) => Box::new(Linear4bit::quantize(
             w,
             qt,
@@ -80,5 +94,11 @@ impl WeightProvider for CheckpointProvider<'_> {
 
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         Ok(self.weights.tensor_shaped(name, shape, device)?.to_dtype(self.compute)?)
+    }
+
+    fn embedding(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = self.weights.tensor_shaped(name, shape, device)?;
+        let stored = host_storage_dtype(t.dtype(), self.compute, device);
+        Ok(t.to_dtype(stored)?)
     }
 }
