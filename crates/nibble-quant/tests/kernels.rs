@@ -488,6 +488,35 @@ fn dense_linear_decode_matches_candle_matmul() {
 }
 
 #[test]
+fn sixteen_bit_dense_weight_under_f32_compute_is_exact() {
+    use nibble_quant::{dense_storage_dtype, DenseLinear};
+    assert_eq!(dense_storage_dtype(DType::BF16, DType::F32), DType::BF16);
+    assert_eq!(dense_storage_dtype(DType::F32, DType::BF16), DType::BF16);
+    assert_eq!(dense_storage_dtype(DType::F16, DType::BF16), DType::BF16);
+    let mut rng = Rng(31);
+    let (n_out, n_in) = (200, 576);
+    for dt in [DType::BF16, DType::F16] {
+        let w16 = tensor_of(&rng.vec(n_out * n_in, 0.3), &[n_out, n_in], dt);
+        let narrow = DenseLinear::with_compute_dtype(w16.clone(), None, DType::F32).unwrap();
+        let wide = DenseLinear::new(w16.to_dtype(DType::F32).unwrap(), None).unwrap();
+        assert_eq!(narrow.resident_bytes() * 2, wide.resident_bytes());
+        // Streaming kernel (few rows), candle's matmul (many rows) and the host entry point all
+        // give what the widened f32 layer gives: widening 16-bit values is exact.
+        for rows in [1, 3, 9] {
+            let xv = rng.vec(rows * n_in, 1.0);
+            let x = Tensor::from_vec(xv.clone(), (rows, n_in), &Device::Cpu).unwrap();
+            let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let (a, b) = (flat(narrow.forward(&x).unwrap()), flat(wide.forward(&x).unwrap()));
+            let c = narrow.forward_f32(&xv, rows).unwrap();
+            for ((a, b), c) in a.iter().zip(&b).zip(&c) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{dt:?} rows {rows}: {a} vs {b}");
+                assert!((c - b).abs() <= 1e-5 * (1.0 + b.abs()), "{dt:?} rows {rows}: {c} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
 fn unsupported_isa_is_an_error() {
     for isa in Isa::ALL {
         if !isa.is_supported() {
