@@ -80,7 +80,7 @@ pub fn plan(args: &PlanArgs) -> anyhow::Result<()> {
     };
     let inventory = match &args.simulate {
         Some(list) => {
-            let gpus = list.split(',').map(|s| parse_size(s)).collect::<Result<Vec<_>, _>>()?;
+            let gpus = list.split(',').map(parse_size).collect::<Result<Vec<_>, _>>()?;
             Inventory::simulated(&gpus, Inventory::detect().cpu.available_bytes)
         }
         None => Inventory::detect(),

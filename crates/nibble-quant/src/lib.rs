@@ -16,4 +16,4 @@ pub mod linear;
 
 pub use config::{BitsAndBytesConfig, ComputeDtype, QuantMethod};
 pub use functional::QuantType;
-pub use linear::{dense_storage_dtype, DenseLinear, Linear4bit, Linear8bit, QuantLinear};
+pub use linear::{convert_dtype, dense_storage_dtype, DenseLinear, Linear4bit, Linear8bit, QuantLinear};

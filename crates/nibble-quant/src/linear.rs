@@ -221,8 +221,63 @@ fn with_values<T: Element + candle_core::WithDType, R>(t: &Tensor, f: impl FnOnc
             }
         }
     }
+    if let Some(values) = convert_host::<T>(t)? {
+        return Ok(f(&values));
+    }
     let values = t.to_dtype(T::DTYPE)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<T>()?;
     Ok(f(&values))
+}
+
+/// The values of a contiguous f32/f16/bf16 tensor on the CPU converted to `T`, in parallel
+/// (`None` for other tensors). Each value goes through f32, as candle's `to_dtype` does, so the
+/// results are the same; this only runs on every core instead of one, which matters when a
+/// loader converts every weight of a model.
+fn convert_host<T: Element>(t: &Tensor) -> Result<Option<Vec<T>>> {
+    fn run<S: Element, T: Element>(src: &[S]) -> Vec<T> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        let mut out = vec![T::from_f32(0.0); src.len()];
+        out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| {
+            for (o, s) in o.iter_mut().zip(s) {
+                *o = T::from_f32(s.to_f32());
+            }
+        });
+        out
+    }
+    if !t.device().is_cpu() {
+        return Ok(None);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (Some((start, end)), candle_core::Storage::Cpu(cpu)) = (layout.contiguous_offsets(), &*storage) else {
+        return Ok(None);
+    };
+    Ok(match cpu {
+        candle_core::CpuStorage::F32(v) => v.get(start..end).map(run::<f32, T>),
+        candle_core::CpuStorage::F16(v) => v.get(start..end).map(run::<f16, T>),
+        candle_core::CpuStorage::BF16(v) => v.get(start..end).map(run::<bf16, T>),
+        _ => None,
+    })
+}
+
+/// `t.to_dtype(dtype)`, converted on every core for f32/f16/bf16 tensors on the CPU (the same
+/// values; a loader widening a whole model otherwise spends seconds in one thread).
+///
+/// Errors: candle's, for a conversion it cannot do.
+pub fn convert_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    let shape = t.dims().to_vec();
+    let converted = match dtype {
+        DType::F32 => convert_host::<f32>(t)?.map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
+        DType::F16 => convert_host::<f16>(t)?.map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
+        DType::BF16 => convert_host::<bf16>(t)?.map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
+        _ => None,
+    };
+    match converted {
+        Some(t) => Ok(t?),
+        None => Ok(t.to_dtype(dtype)?),
+    }
 }
 
 /// A 4-bit (NF4/FP4) layer in the bitsandbytes format.

@@ -7,7 +7,7 @@ use indicatif::ProgressBar;
 use nibble_core::Result;
 use nibble_llama::WeightProvider;
 use nibble_load::Weights;
-use nibble_quant::{dense_storage_dtype, BitsAndBytesConfig, DenseLinear, Linear4bit, Linear8bit, QuantLinear, QuantMethod};
+use nibble_quant::{convert_dtype, dense_storage_dtype, BitsAndBytesConfig, DenseLinear, Linear4bit, Linear8bit, QuantLinear, QuantMethod};
 
 use crate::prequant::{self, Stored};
 
@@ -44,8 +44,12 @@ pub(crate) fn quantize_or_dense(
     let method = if quant.skips(name) { QuantMethod::None } else { quant.method() };
     Ok(match method {
         QuantMethod::None => {
-            let stored = host_storage_dtype(w.dtype(), compute, device);
-            Box::new(DenseLinear::with_compute_dtype(w.to_dtype(stored)?.to_device(device)?, None, compute)?)
+            // Only the modules a quantization config skips (the lm_head, typically) stay 16-bit:
+            // decode uses them one row at a time, where the kernel widens as it reads. In an
+            // unquantized model every linear serves prefill, whose f32 GEMM would have to
+            // widen the whole weight per call.
+            let stored = if quant.is_quantized() { host_storage_dtype(w.dtype(), compute, device) } else { compute };
+            Box::new(DenseLinear::with_compute_dtype(convert_dtype(w, stored)?.to_device(device)?, None, compute)?)
         }
         QuantMethod::FourBit(qt) => Box::new(Linear4bit::quantize(
             w,
@@ -99,6 +103,6 @@ impl WeightProvider for CheckpointProvider<'_> {
     fn embedding(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let t = self.weights.tensor_shaped(name, shape, device)?;
         let stored = host_storage_dtype(t.dtype(), self.compute, device);
-        Ok(t.to_dtype(stored)?)
+        convert_dtype(&t, stored)
     }
 }

@@ -159,15 +159,17 @@ fn encode_portable<T: Element>(x: &[T], scale: Scale, t: &Quant4Tables, out: &mu
         for (s, v) in s.iter_mut().zip(xc) {
             *s = scale.apply(v.to_f32());
         }
-        let mut lt = [0u8; 32];
+        // 32-bit counters, as wide as the compared floats, so the compare-and-count loop
+        // vectorizes lane for lane (narrower counters make the compiler shuffle every step).
+        let mut lt = [0u32; 32];
         for &b in &t.bounds {
             for (c, &s) in lt.iter_mut().zip(&s) {
                 // The count of midpoints with !(b >= s) is 15 - `encode`'s count of b >= s.
-                *c += u8::from(!(b >= s));
+                *c += u32::from(!(b >= s));
             }
         }
         for (o, pair) in oc.iter_mut().zip(lt.chunks_exact(2)) {
-            *o = (t.order[usize::from(pair[0]) & 15] << 4) | t.order[usize::from(pair[1]) & 15];
+            *o = (t.order[pair[0] as usize & 15] << 4) | t.order[pair[1] as usize & 15];
         }
     }
 }
