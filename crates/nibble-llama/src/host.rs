@@ -224,3 +224,43 @@ impl Llama {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appending past the capacity (a prefill, then single positions across two regrowths)
+    /// keeps every position where `tensors` and `head` read it; a wrongly sized append is an error.
+    #[test]
+    fn host_kv_grows_and_keeps_positions() -> Result<()> {
+        let (b, heads, d) = (2, 3, 4);
+        let mut kv = HostKv::new(b, heads, d);
+        // Value of (batch, head, position, i): distinct for every slot.
+        let val = |bi: usize, h: usize, p: usize, i: usize| (((bi * 10 + h) * 1000 + p) * 10 + i) as f32;
+        let step = |p0: usize, t: usize| -> Vec<f32> {
+            let mut out = Vec::new();
+            for bi in 0..b {
+                for h in 0..heads {
+                    for p in p0..p0 + t {
+                        out.extend((0..d).map(|i| val(bi, h, p, i)));
+                    }
+                }
+            }
+            out
+        };
+        kv.append(&step(0, 5), &step(0, 5), 5)?;
+        for p in 5..150 {
+            let s = step(p, 1);
+            kv.append(&s, &s, 1)?;
+        }
+        assert_eq!(kv.len(), 150);
+        let (k, v) = kv.tensors(&Device::Cpu)?;
+        assert_eq!(k.dims(), &[b, heads, 150, d]);
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, step(0, 150));
+        assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, step(0, 150));
+        let (keys, _) = kv.head(1, 2);
+        assert_eq!(keys.get(149 * d), Some(&val(1, 2, 149, 0)));
+        assert!(kv.append(&[0.0; 3], &[0.0; 3], 1).is_err());
+        Ok(())
+    }
+}

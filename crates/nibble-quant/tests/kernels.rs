@@ -517,6 +517,28 @@ fn sixteen_bit_dense_weight_under_f32_compute_is_exact() {
 }
 
 #[test]
+fn parallel_dtype_conversion_equals_candles() {
+    use nibble_quant::convert_dtype;
+    let mut rng = Rng(37);
+    // Large enough for several parallel chunks, with values that round differently per dtype.
+    let mut v = rng.vec(200_001, 70_000.0);
+    v.extend([f32::NAN, f32::INFINITY, -0.0, 1e-40, 65_520.0]);
+    let n = v.len();
+    let dtypes = [DType::F32, DType::F16, DType::BF16];
+    for from in dtypes {
+        let t = Tensor::from_vec(v.clone(), n, &Device::Cpu).unwrap().to_dtype(from).unwrap();
+        for to in dtypes {
+            let (a, b) = (convert_dtype(&t, to).unwrap(), t.to_dtype(to).unwrap());
+            assert_eq!(a.dtype(), to);
+            let bits = |x: &Tensor| -> Vec<u32> {
+                x.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(bits(&a), bits(&b), "{from:?} -> {to:?}");
+        }
+    }
+}
+
+#[test]
 fn unsupported_isa_is_an_error() {
     for isa in Isa::ALL {
         if !isa.is_supported() {
