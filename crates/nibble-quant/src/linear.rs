@@ -31,9 +31,34 @@ pub trait QuantLinear: std::fmt::Debug + Send + Sync {
     /// decode step calls this a few hundred times per token, so the formats that can skip
     /// making tensors override it; the results are the same as `forward`'s.
     fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let t = Tensor::from_slice(x, (rows, self.in_features()), &Device::Cpu)?;
-        Ok(self.forward(&t)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        forward_f32_via_tensor(self, x, rows)
     }
+}
+
+/// [`QuantLinear::forward_f32`] through [`QuantLinear::forward`]: the default, and the fallback
+/// of the formats that override it.
+fn forward_f32_via_tensor<L: QuantLinear + ?Sized>(layer: &L, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    let t = Tensor::from_slice(x, (rows, layer.in_features()), &Device::Cpu)?;
+    Ok(layer.forward(&t)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+/// Calls `f` with the values of a contiguous f32/f16/bf16 tensor on the CPU, borrowed in place
+/// (`None` for any other tensor).
+fn with_host_values<R>(t: &Tensor, f: impl FnOnce(kernels::DenseWeight<'_>) -> R) -> Option<R> {
+    if !t.device().is_cpu() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (Some((start, end)), candle_core::Storage::Cpu(cpu)) = (layout.contiguous_offsets(), &*storage) else {
+        return None;
+    };
+    let values = match cpu {
+        candle_core::CpuStorage::F32(v) => kernels::DenseWeight::F32(v.get(start..end)?),
+        candle_core::CpuStorage::F16(v) => kernels::DenseWeight::F16(v.get(start..end)?),
+        candle_core::CpuStorage::BF16(v) => kernels::DenseWeight::Bf16(v.get(start..end)?),
+        _ => return None,
+    };
+    Some(f(values))
 }
 
 /// Borrowed view of a layer's storage, for serialization.
@@ -135,19 +160,10 @@ impl DenseLinear {
         // Widening to f32 is exact for f16/bf16 activations and weights, so the products are
         // the ones candle's matmul forms (it accumulates 16-bit products in f32 too).
         let xf: Vec<f32> = x.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let y = {
-            let (storage, layout) = self.weight.storage_and_layout();
-            let (Some((start, end)), candle_core::Storage::Cpu(cpu)) = (layout.contiguous_offsets(), &*storage) else {
-                return Ok(None);
-            };
-            let w = match cpu {
-                candle_core::CpuStorage::F32(v) => kernels::DenseWeight::F32(&v[start..end]),
-                candle_core::CpuStorage::F16(v) => kernels::DenseWeight::F16(&v[start..end]),
-                candle_core::CpuStorage::BF16(v) => kernels::DenseWeight::Bf16(&v[start..end]),
-                _ => return Ok(None),
-            };
-            kernels::matmul_dense(w, n_out, n_in, &xf, rows)?
+        let Some(y) = with_host_values(&self.weight, |w| kernels::matmul_dense(w, n_out, n_in, &xf, rows)) else {
+            return Ok(None);
         };
+        let y = y?;
         let mut out_shape = lead.to_vec();
         out_shape.push(n_out);
         Ok(Some(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(dtype)?))
@@ -157,24 +173,13 @@ impl DenseLinear {
 impl QuantLinear for DenseLinear {
     fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (n_out, n_in) = (self.out_features(), self.in_features());
-        if rows <= DENSE_GEMV_MAX_ROWS && self.bias.is_none() && x.len() == rows * n_in {
-            let (storage, layout) = self.weight.storage_and_layout();
-            let w = match (layout.contiguous_offsets(), &*storage, self.compute) {
-                // f32 compute: f32 activations as they are, the weight widened exactly.
-                (Some((a, b)), candle_core::Storage::Cpu(cpu), DType::F32) => match cpu {
-                    candle_core::CpuStorage::F32(v) => v.get(a..b).map(kernels::DenseWeight::F32),
-                    candle_core::CpuStorage::BF16(v) => v.get(a..b).map(kernels::DenseWeight::Bf16),
-                    candle_core::CpuStorage::F16(v) => v.get(a..b).map(kernels::DenseWeight::F16),
-                    _ => None,
-                },
-                _ => None,
-            };
-            if let Some(w) = w {
-                return kernels::matmul_dense(w, n_out, n_in, x, rows);
+        // f32 compute: f32 activations as they are, the weight widened exactly in the kernel.
+        if rows <= DENSE_GEMV_MAX_ROWS && self.bias.is_none() && self.compute == DType::F32 {
+            if let Some(y) = with_host_values(&self.weight, |w| kernels::matmul_dense(w, n_out, n_in, x, rows)) {
+                return y;
             }
         }
-        let t = Tensor::from_slice(x, (rows, n_in), &Device::Cpu)?;
-        Ok(self.forward(&t)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        forward_f32_via_tensor(self, x, rows)
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.in_features())?;
@@ -221,7 +226,7 @@ fn with_values<T: Element + candle_core::WithDType, R>(t: &Tensor, f: impl FnOnc
             }
         }
     }
-    if let Some(values) = convert_host::<T>(t)? {
+    if let Some(values) = convert_host::<T>(t) {
         return Ok(f(&values));
     }
     let values = t.to_dtype(T::DTYPE)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<T>()?;
@@ -232,7 +237,7 @@ fn with_values<T: Element + candle_core::WithDType, R>(t: &Tensor, f: impl FnOnc
 /// (`None` for other tensors). Each value goes through f32, as candle's `to_dtype` does, so the
 /// results are the same; this only runs on every core instead of one, which matters when a
 /// loader converts every weight of a model.
-fn convert_host<T: Element>(t: &Tensor) -> Result<Option<Vec<T>>> {
+fn convert_host<T: Element>(t: &Tensor) -> Option<Vec<T>> {
     fn run<S: Element, T: Element>(src: &[S]) -> Vec<T> {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 16;
@@ -244,18 +249,10 @@ fn convert_host<T: Element>(t: &Tensor) -> Result<Option<Vec<T>>> {
         });
         out
     }
-    if !t.device().is_cpu() {
-        return Ok(None);
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let (Some((start, end)), candle_core::Storage::Cpu(cpu)) = (layout.contiguous_offsets(), &*storage) else {
-        return Ok(None);
-    };
-    Ok(match cpu {
-        candle_core::CpuStorage::F32(v) => v.get(start..end).map(run::<f32, T>),
-        candle_core::CpuStorage::F16(v) => v.get(start..end).map(run::<f16, T>),
-        candle_core::CpuStorage::BF16(v) => v.get(start..end).map(run::<bf16, T>),
-        _ => None,
+    with_host_values(t, |v| match v {
+        kernels::DenseWeight::F32(v) => run::<f32, T>(v),
+        kernels::DenseWeight::F16(v) => run::<f16, T>(v),
+        kernels::DenseWeight::Bf16(v) => run::<bf16, T>(v),
     })
 }
 
@@ -269,9 +266,9 @@ pub fn convert_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     }
     let shape = t.dims().to_vec();
     let converted = match dtype {
-        DType::F32 => convert_host::<f32>(t)?.map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
-        DType::F16 => convert_host::<f16>(t)?.map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
-        DType::BF16 => convert_host::<bf16>(t)?.map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
+        DType::F32 => convert_host::<f32>(t).map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
+        DType::F16 => convert_host::<f16>(t).map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
+        DType::BF16 => convert_host::<bf16>(t).map(|v| Tensor::from_vec(v, shape, &Device::Cpu)),
         _ => None,
     };
     match converted {
@@ -388,6 +385,19 @@ impl Linear4bit {
         })
     }
 
+    /// The packed weight as the fused kernels read it, with the roundings `rounding`.
+    fn matrix(&self, rounding: Rounding) -> Result<Matrix4bit<'_>> {
+        Matrix4bit::new(
+            &self.q.packed,
+            &self.absmax,
+            self.out_features,
+            self.in_features,
+            self.q.blocksize,
+            self.q.quant_type,
+            rounding,
+        )
+    }
+
     /// The CPU forward pass: the fused kernels read the packed weight directly. Activations are
     /// cast to the compute dtype (as bnb does) and widened to f32 once; products accumulate in
     /// f32 and the output is rounded once to the compute dtype.
@@ -396,15 +406,7 @@ impl Linear4bit {
         let lead = &dims[..dims.len().saturating_sub(1)];
         let rows: usize = lead.iter().product();
         let xc = x.to_dtype(self.compute_dtype)?;
-        let m = Matrix4bit::new(
-            &self.q.packed,
-            &self.absmax,
-            self.out_features,
-            self.in_features,
-            self.q.blocksize,
-            self.q.quant_type,
-            rounding,
-        )?;
+        let m = self.matrix(rounding)?;
         // f32 activations are read in place; f16/bf16 ones are widened (exactly) once.
         let y = with_values(&xc, |xf: &[f32]| kernels::matmul_4bit(&m, xf, rows))??;
         let mut out_shape = lead.to_vec();
@@ -418,21 +420,9 @@ impl QuantLinear for Linear4bit {
         match self.rounding() {
             // f32 compute: `forward_fused` reads f32 activations as they are and returns f32.
             Some(r) if self.device.is_cpu() && self.compute_dtype == DType::F32 => {
-                let m = Matrix4bit::new(
-                    &self.q.packed,
-                    &self.absmax,
-                    self.out_features,
-                    self.in_features,
-                    self.q.blocksize,
-                    self.q.quant_type,
-                    r,
-                )?;
-                kernels::matmul_4bit(&m, x, rows)
+                kernels::matmul_4bit(&self.matrix(r)?, x, rows)
             }
-            _ => {
-                let t = Tensor::from_slice(x, (rows, self.in_features), &Device::Cpu)?;
-                Ok(self.forward(&t)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
-            }
+            _ => forward_f32_via_tensor(self, x, rows),
         }
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -262,6 +262,53 @@ unsafe fn hi16_mask() -> __m256i {
     std::hint::black_box(_mm256_set1_epi32(-65536))
 }
 
+/// The code book, entries `4i..4i + 4` in both lanes of `lq[i]`, as [`pair_tables`] takes it.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn code_book_lanes(w: &Matrix4bit<'_>) -> [__m256; 4] {
+    let mut lq = [_mm256_setzero_ps(); 4];
+    for (i, q) in lq.iter_mut().enumerate() {
+        // The code book has 16 entries: 4i + 4 <= 16.
+        let l = _mm_loadu_ps(w.lut.as_ptr().add(4 * i));
+        *q = _mm256_setr_m128(l, l);
+    }
+    lq
+}
+
+/// The tables of one weight row's blocks `b0 .. b0 + scales.len()` (with their `scales`), two
+/// blocks per step (one per 128-bit lane), into `tabs`: per pair of blocks (A, B), plane k of
+/// A in slot 8p + 2k and of B in slot 8p + 2k + 1, so a pair's plane is one 32-byte load
+/// `[A | B]` and one block's plane a 16-byte broadcast. Blocks are independent, so this runs
+/// at instruction throughput. `tabs` must hold `scales.len().div_ceil(2) * 8` slots.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn row_tables<const MODE: u8>(
+    w: &Matrix4bit<'_>,
+    lq: &[__m256; 4],
+    b0: usize,
+    scales: &[f32],
+    tabs: &mut [__m128i],
+) {
+    let n_planes = if two_planes(MODE) { 2 } else { 4 };
+    // One vectorizable pass decides whether any block needs the scalar path.
+    let finite = scales.iter().fold(true, |ok, s| ok & s.is_finite());
+    for (p, (pair, slots)) in scales.chunks(2).zip(tabs.chunks_exact_mut(8)).enumerate() {
+        // An odd last block pairs with itself; the copy in lane B is never read.
+        let (sa, sb) = (pair[0], pair[pair.len() - 1]);
+        let planes = if finite {
+            pair_tables::<MODE>(lq, sa, sb)
+        } else {
+            let a = b0 + 2 * p;
+            pair_tables_scalar::<MODE>(w, a, a + pair.len() - 1)
+        };
+        // Slots 2k and 2k + 1 (inside this 8-slot chunk) take plane k of blocks A and B.
+        let sp = slots.as_mut_ptr();
+        for (k, plane) in planes.iter().take(n_planes).enumerate() {
+            _mm256_storeu_si256(sp.add(2 * k).cast(), *plane);
+        }
+    }
+}
+
 /// Up to four activation rows at once against weight rows `row0 .. row0 + n` whose width is a
 /// multiple of 32: `out[i * stride + off + j] = W[row0 + i, :] . x_j` for `j < r`, where `xp`
 /// holds the `r` rows of x, each [`permute_x`]-ed. Each weight is decoded once for all `r` rows.
@@ -317,45 +364,23 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
     // Block sizes are powers of two from 32 up, so block and group arithmetic is shifts.
     let bs_shift = bs.trailing_zeros();
     let gpb_shift = bs_shift - 5;
-    let mut lq = [_mm256_setzero_ps(); 4];
-    for (i, q) in lq.iter_mut().enumerate() {
-        let l = _mm_loadu_ps(w.lut.as_ptr().add(4 * i));
-        *q = _mm256_setr_m128(l, l);
-    }
+    let lq = code_book_lanes(w);
     let low4 = _mm256_set1_epi8(0x0f);
     let hi16 = hi16_mask();
     let nib_shift = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
     let xs: [&[f32]; R] = std::array::from_fn(|j| &xp[j * n_in..(j + 1) * n_in]);
-    // Table slots: per pair of blocks (A, B), plane k of block A at 8p + 2k, of B at 8p + 2k + 1.
-    // A row touches at most in / bs + 2 blocks (it may start and end mid-block).
+    // Table slots as `row_tables` lays them out. A row touches at most in / bs + 2 blocks (it
+    // may start and end mid-block).
     let pairs = ((n_in >> bs_shift) + 2).div_ceil(2);
     let mut tabs = vec![_mm_setzero_si128(); pairs * 8];
     for i in 0..n {
         let start = (row0 + i) * n_in;
         let end = start + n_in;
-        // Phase 1: the row's block tables, two blocks per step (one per 128-bit lane). Blocks
-        // are independent, so this runs at instruction throughput.
+        // Phase 1: the tables of the blocks the row touches.
         let b0 = start >> bs_shift;
         let b1 = (end - 1) >> bs_shift;
         let scales = &w.absmax[b0..=b1];
-        // One vectorizable pass decides whether any block needs the scalar path.
-        let finite = scales.iter().fold(true, |ok, s| ok & s.is_finite());
-        let n_planes = if two_planes(MODE) { 2 } else { 4 };
-        for (p, (pair, slots)) in scales.chunks(2).zip(tabs.chunks_exact_mut(8)).enumerate() {
-            // An odd last block pairs with itself; the copy in lane B is never read.
-            let (sa, sb) = (pair[0], pair[pair.len() - 1]);
-            let planes = if finite {
-                pair_tables::<MODE>(&lq, sa, sb)
-            } else {
-                let a = b0 + 2 * p;
-                pair_tables_scalar::<MODE>(w, a, a + pair.len() - 1)
-            };
-            // Slots 2k and 2k + 1 (inside this 8-slot chunk) take plane k of blocks A and B.
-            let sp = slots.as_mut_ptr();
-            for (k, plane) in planes.iter().take(n_planes).enumerate() {
-                _mm256_storeu_si256(sp.add(2 * k).cast(), *plane);
-            }
-        }
+        row_tables::<MODE>(w, &lq, b0, scales, &mut tabs);
         // Phase 2: 32 weights per step; group g of the row lies in block (g + off) >> gpb_shift.
         // One row keeps four accumulators (FMA latency); several rows keep two each.
         let goff = (start & (bs - 1)) >> 5;
@@ -426,18 +451,12 @@ unsafe fn gemv_row64_impl<const MODE: u8>(w: &Matrix4bit<'_>, xp: &[f32], out: &
     let n_in = w.in_features;
     let bs = w.blocksize;
     let bs_shift = bs.trailing_zeros();
-    let mut lq = [_mm256_setzero_ps(); 4];
-    for (i, q) in lq.iter_mut().enumerate() {
-        let l = _mm_loadu_ps(w.lut.as_ptr().add(4 * i));
-        *q = _mm256_setr_m128(l, l);
-    }
+    let lq = code_book_lanes(w);
     let low4 = _mm256_set1_epi8(0x0f);
     let hi16 = hi16_mask();
     let n_planes = if two_planes(MODE) { 2 } else { 4 };
     let blocks = n_in >> bs_shift;
-    // Table slots as in `gemv_rows_impl`: per pair of blocks (A, B), plane k of A at 8p + 2k and
-    // of B at 8p + 2k + 1, so that a pair's plane is one 32-byte load `[A | B]` and one block's
-    // plane a 16-byte broadcast.
+    // Table slots as `row_tables` lays them out.
     let mut tabs = vec![_mm_setzero_si128(); blocks.div_ceil(2) * 8];
     let chunks = n_in / 64;
     let xpp = xp.as_ptr();
@@ -445,21 +464,7 @@ unsafe fn gemv_row64_impl<const MODE: u8>(w: &Matrix4bit<'_>, xp: &[f32], out: &
         let start = (row0 + i) * n_in;
         let b0 = start >> bs_shift;
         let scales = &w.absmax[b0..b0 + blocks];
-        let finite = scales.iter().fold(true, |ok, s| ok & s.is_finite());
-        for (p, (pair, slots)) in scales.chunks(2).zip(tabs.chunks_exact_mut(8)).enumerate() {
-            // An odd last block pairs with itself; the copy in lane B is never read.
-            let (sa, sb) = (pair[0], pair[pair.len() - 1]);
-            let planes = if finite {
-                pair_tables::<MODE>(&lq, sa, sb)
-            } else {
-                let a = b0 + 2 * p;
-                pair_tables_scalar::<MODE>(w, a, a + pair.len() - 1)
-            };
-            let sp = slots.as_mut_ptr();
-            for (k, plane) in planes.iter().take(n_planes).enumerate() {
-                _mm256_storeu_si256(sp.add(2 * k).cast(), *plane);
-            }
-        }
+        row_tables::<MODE>(w, &lq, b0, scales, &mut tabs);
         let bytes = w.packed.as_ptr().add(start / 2);
         let mut acc = [_mm256_setzero_ps(); 8];
         let tp = tabs.as_ptr();
@@ -520,11 +525,7 @@ pub(super) unsafe fn decode_aligned(w: &Matrix4bit<'_>, e0: usize, out: &mut [f3
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn decode_aligned_impl<const MODE: u8>(w: &Matrix4bit<'_>, e0: usize, out: &mut [f32]) {
     let bs_shift = w.blocksize.trailing_zeros();
-    let mut lq = [_mm256_setzero_ps(); 4];
-    for (i, q) in lq.iter_mut().enumerate() {
-        let l = _mm_loadu_ps(w.lut.as_ptr().add(4 * i));
-        *q = _mm256_setr_m128(l, l);
-    }
+    let lq = code_book_lanes(w);
     let low4 = _mm256_set1_epi8(0x0f);
     let hi16 = hi16_mask();
     let nib_shift = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
