@@ -162,8 +162,15 @@ impl Llama {
         device.is_cpu() && self.dtype == candle_core::DType::F32
     }
 
-    /// One token per batch row through `layer`: `x` is `[batch, 1, hidden]` at position `pos`.
-    pub(crate) fn layer_step_host(&self, layer: &Layer, x: &Tensor, pos: usize, kv: &mut HostKv) -> Result<Tensor> {
+    /// One token per batch row through `layer`: `x` is `[batch, 1, hidden]` at the position
+    /// whose RoPE cos and sin are `rot` ([`crate::Rope::cos_sin_host`]).
+    pub(crate) fn layer_step_host(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+        kv: &mut HostKv,
+    ) -> Result<Tensor> {
         let (b, _, h) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let eps = self.cfg.rms_norm_eps as f32;
@@ -177,9 +184,8 @@ impl Llama {
             || rayon::join(|| layer.attn.k.forward_f32(&hn, b), || layer.attn.v.forward_f32(&hn, b)),
         );
         let (mut q, mut k, v) = (q?, k?, v?);
-        let (cos, sin) = self.rope.cos_sin_host(pos);
-        rope(&mut q, &cos, &sin);
-        rope(&mut k, &cos, &sin);
+        rope(&mut q, cos, sin);
+        rope(&mut k, cos, sin);
         // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
         kv.append(&k, &v, 1)?;
         let attn = self.attend(&q, kv, b, nh, nkv, hd)?;

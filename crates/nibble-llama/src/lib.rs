@@ -310,6 +310,8 @@ impl Llama {
             .to_dtype(self.dtype)?
             .reshape((b, t, self.cfg.hidden_size))?;
         let mask = causal_mask(t, offset)?;
+        // The position's rotation, shared by every layer that steps on host buffers.
+        let rot = if t == 1 { self.rope.cos_sin_host(offset) } else { (Vec::new(), Vec::new()) };
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             // A device running out of memory mid-forward is reported as such, with the device named.
             let on_device = |e: Error| match e {
@@ -318,10 +320,10 @@ impl Llama {
             };
             x = x.to_device(&layer.device).map_err(|e| on_device(e.into()))?;
             x = match slot {
-                Slot::Host(kv) if t == 1 => self.layer_step_host(layer, &x, offset, kv),
+                Slot::Host(kv) if t == 1 => self.layer_step_host(layer, &x, &rot, kv),
                 Slot::Empty if t == 1 && self.host_path(&layer.device) => {
                     let mut kv = HostKv::new(b, self.cfg.num_key_value_heads, self.cfg.head_dim);
-                    let y = self.layer_step_host(layer, &x, offset, &mut kv);
+                    let y = self.layer_step_host(layer, &x, &rot, &mut kv);
                     *slot = Slot::Host(kv);
                     y
                 }
