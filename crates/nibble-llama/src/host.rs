@@ -12,8 +12,7 @@
 
 use candle_core::{Device, Tensor};
 use nibble_core::{Error, Result};
-use nibble_quant::kernels::dot_f32;
-use rayon::prelude::*;
+use nibble_quant::kernels::{dot_f32, for_each_chunk_mut};
 
 use crate::{Layer, Llama};
 
@@ -177,13 +176,11 @@ impl Llama {
         let mut xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
 
         let hn = rms_norm(&xs, &layer.input_norm.to_vec1::<f32>()?, eps);
-        // Independent products run as one parallel region (an idle thread steals one of them)
-        // rather than one region each: fewer hand-offs between threads per token.
-        let (q, (k, v)) = rayon::join(
-            || layer.attn.q.forward_f32(&hn, b),
-            || rayon::join(|| layer.attn.k.forward_f32(&hn, b), || layer.attn.v.forward_f32(&hn, b)),
-        );
-        let (mut q, mut k, v) = (q?, k?, v?);
+        // Each product is split across the kernel team (see `nibble_quant::kernels::for_each_index`),
+        // so they run one after another.
+        let mut q = layer.attn.q.forward_f32(&hn, b)?;
+        let mut k = layer.attn.k.forward_f32(&hn, b)?;
+        let v = layer.attn.v.forward_f32(&hn, b)?;
         rope(&mut q, cos, sin);
         rope(&mut k, cos, sin);
         // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
@@ -193,8 +190,8 @@ impl Llama {
         xs.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
 
         let hn = rms_norm(&xs, &layer.post_norm.to_vec1::<f32>()?, eps);
-        let (gate, up) = rayon::join(|| layer.mlp.gate.forward_f32(&hn, b), || layer.mlp.up.forward_f32(&hn, b));
-        let (gate, up) = (gate?, up?);
+        let gate = layer.mlp.gate.forward_f32(&hn, b)?;
+        let up = layer.mlp.up.forward_f32(&hn, b)?;
         let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
         let down = layer.mlp.down.forward_f32(&act, b)?;
         xs.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
@@ -223,7 +220,7 @@ impl Llama {
             return Err(Error::invalid_argument("query", format!("{} values for {b} x {nh} heads of {hd}", q.len())));
         }
         if b * nh * t * hd >= PAR_ATTENTION_MACS {
-            out.par_chunks_mut(hd).enumerate().for_each(head);
+            for_each_chunk_mut(&mut out, hd, |i, o| head((i, o)));
         } else {
             out.chunks_mut(hd).enumerate().for_each(head);
         }

@@ -274,12 +274,11 @@ impl Llama {
     /// Returns f32 logits `[batch, seq, vocab]`, or `[batch, 1, vocab]` for the last position only
     /// when `last_only` (generation needs no more).
     pub fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
-        if rayon::current_thread_index().is_none() {
-            // Run the whole step on a thread of rayon's pool. The kernels split every product
-            // across the pool; called from outside it, each of the few hundred products of a
-            // decode step would park the caller and wake a worker (tens of microseconds each,
-            // as long as a small product itself). From inside, the caller takes its share of
-            // the work and idle workers steal the rest.
+        let prefill = input_ids.dim(1).is_ok_and(|t| t > 1);
+        if prefill && rayon::current_thread_index().is_none() {
+            // Run a prefill on a thread of rayon's pool: its products are split across the pool,
+            // and from inside it the caller takes its share instead of parking on every product.
+            // A decode step's products are small and go to the kernel team from this thread.
             return rayon::scope(|_| self.forward_here(input_ids, offset, cache, last_only));
         }
         self.forward_here(input_ids, offset, cache, last_only)

@@ -7,9 +7,7 @@
 
 use half::{bf16, f16};
 use nibble_core::{Error, Result};
-use rayon::prelude::*;
-
-use super::{chunk_len, min_macs_per_matvec_task, Isa};
+use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa};
 
 /// A borrowed dense weight `[out, in]`, row-major.
 #[derive(Debug, Clone, Copy)]
@@ -79,12 +77,7 @@ pub fn matmul_dense_with(
                 };
             }
         };
-        if yr.len() <= per_task {
-            // One task: no thread-pool round trip.
-            run(0, yr);
-        } else {
-            yr.par_chunks_mut(per_task).enumerate().for_each(|(t, yc)| run(t, yc));
-        }
+        for_each_chunk_mut(yr, per_task, run);
     }
     Ok(y)
 }

@@ -15,7 +15,7 @@ use half::{bf16, f16};
 use nibble_core::{Error, Result};
 use rayon::prelude::*;
 
-use super::{chunk_len, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
+use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
 use crate::functional::{check_blocksize, tables, QuantType};
 
 /// A floating-point precision a dequantized weight passes through.
@@ -276,12 +276,8 @@ fn gemv_avx2(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
         // SAFETY: `matmul_4bit_with` checked `Isa::Avx2`; rows are a multiple of 64 and of the
         // block size wide, `xp` holds one row of `n_in`, and each task's rows exist (`y` has
         // `n_out` values).
-        let run = |o0: usize, yc: &mut [f32]| unsafe { super::avx2::gemv_row64(w, &xp, yc, o0) };
-        if n_out <= per_task {
-            run(0, y);
-        } else {
-            y.par_chunks_mut(per_task).enumerate().for_each(|(t, yc)| run(t * per_task, yc));
-        }
+        let run = |t: usize, yc: &mut [f32]| unsafe { super::avx2::gemv_row64(w, &xp, yc, t * per_task) };
+        for_each_chunk_mut(y, per_task, run);
         return;
     }
     // The kernel decodes weights in an interleaved order; permuting x once per call to match is
@@ -302,12 +298,7 @@ fn gemv_avx2(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
     };
     if rows == 1 {
         // `[n, 1]` is the output itself.
-        if n_out <= per_task {
-            // One task: handing it to the thread pool would only add a wake-up round trip.
-            run(0, n_out, y);
-        } else {
-            y.par_chunks_mut(per_task).enumerate().for_each(|(t, yc)| run(t * per_task, yc.len(), yc));
-        }
+        for_each_chunk_mut(y, per_task, |t, yc| run(t * per_task, yc.len(), yc));
         return;
     }
     let n_tasks = n_out.div_ceil(per_task);
@@ -350,12 +341,7 @@ fn gemv(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], y: &mut [f32]) {
             _ => gemv_rows_decoded(isa, w, x, yc, row0),
         }
     };
-    if y.len() <= rows_per_task {
-        // One task: handing it to the thread pool would only add a wake-up round trip.
-        run(0, y);
-    } else {
-        y.par_chunks_mut(rows_per_task).enumerate().for_each(|(ci, yc)| run(ci, yc));
-    }
+    for_each_chunk_mut(y, rows_per_task, run);
 }
 
 /// The general matrix-vector path: decode each row into a scratch row, then a dot product.

@@ -3,7 +3,7 @@
 use nibble_core::{Error, Result};
 use rayon::prelude::*;
 
-use super::{chunk_len, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
+use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
 
 /// Activation rows per tile.
 const MR8: usize = 4;
@@ -48,15 +48,10 @@ pub fn int8_matmul_i32_with(
     if rows == 1 {
         // Decode: outputs are contiguous, tasks write in place.
         let per_task = chunk_len(out_features, min_macs_per_matvec_task().div_ceil(k)).next_multiple_of(NR8);
-        if out_features <= per_task {
-            // One task: no thread-pool round trip.
-            task(isa, a, 1, w, k, 0, out_features, &mut y);
-        } else {
-            y.par_chunks_mut(per_task).enumerate().for_each(|(t, yc)| {
-                let o0 = t * per_task;
-                task(isa, a, 1, w, k, o0, o0 + yc.len(), yc);
-            });
-        }
+        for_each_chunk_mut(&mut y, per_task, |t, yc| {
+            let o0 = t * per_task;
+            task(isa, a, 1, w, k, o0, o0 + yc.len(), yc);
+        });
         return Ok(y);
     }
     let per_task = chunk_len(out_features, MIN_MACS_PER_TASK.div_ceil(rows * k)).next_multiple_of(NR8);

@@ -28,6 +28,7 @@ mod dense;
 mod four_bit;
 mod int8;
 pub(crate) mod quant;
+mod team;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -46,6 +47,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub use four_bit::{matmul_4bit, matmul_4bit_with, Matrix4bit, Precision, Rounding};
 pub use int8::{int8_matmul_i32, int8_matmul_i32_with};
 pub use quant::{int8_vectorwise_quant_with, quantize_4bit_with};
+pub use team::{for_each_chunk_mut, for_each_index};
 
 use nibble_core::{Error, Result};
 
@@ -161,14 +163,15 @@ fn neon_supported() -> bool {
 /// fraction of the work even for the small matrices of a 100M-parameter model.
 pub(crate) const MIN_MACS_PER_TASK: usize = 64 * 1024;
 
-/// The same for matrix-vector products called from outside the thread pool (a model's decode
-/// loop usually is): each such call wakes the pool's threads and sleeps until they are done,
-/// which costs tens of microseconds, about as long as 256 Ki multiply-adds on one core.
+/// The same for matrix-vector products that neither the kernel team nor the pool's own threads
+/// run: each such call wakes the pool's threads and sleeps until they are done, which costs tens
+/// of microseconds, about as long as 256 Ki multiply-adds on one core.
 pub(crate) const MIN_MACS_PER_TASK_COLD: usize = 256 * 1024;
 
-/// [`MIN_MACS_PER_TASK`] inside the pool, [`MIN_MACS_PER_TASK_COLD`] outside it.
+/// [`MIN_MACS_PER_TASK`] when the hand-offs are cheap (the kernel team is free, or this is a
+/// thread of the pool), [`MIN_MACS_PER_TASK_COLD`] otherwise.
 pub(crate) fn min_macs_per_matvec_task() -> usize {
-    if rayon::current_thread_index().is_some() {
+    if rayon::current_thread_index().is_some() || team::available() {
         MIN_MACS_PER_TASK
     } else {
         MIN_MACS_PER_TASK_COLD

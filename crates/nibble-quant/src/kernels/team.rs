@@ -1,0 +1,307 @@
+//! A team of spinning threads for the small parallel products of a decode step.
+//!
+//! One token through a 30-layer model is about two hundred matrix-vector products of a few
+//! hundred microseconds or less each. Handing each to rayon costs a wake-up and a join every time
+//! (rayon's idle workers yield to the OS and then sleep), which on a 2-core machine lost about a
+//! quarter of the step. Here the calling thread and `threads - 1` helpers share each product:
+//! between products the helpers spin on an atomic counter for a couple of milliseconds (longer
+//! than any gap inside or between decode steps) before they park, so a hand-off costs a cache-line
+//! round trip instead of a system call.
+//!
+//! One caller owns the team at a time; a concurrent caller (another model, a parallel test) and a
+//! call nested inside a team job fall back to rayon and to a plain loop respectively, so the
+//! results never depend on who got the team (every index runs exactly once either way).
+
+use std::cell::{Cell, UnsafeCell};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+/// How long an idle helper spins before it parks: longer than the gaps between the products of
+/// a decode step and between steps (sampling, detokenizing), short enough that a finished decode
+/// leaves no thread burning a core for long.
+const SPIN_BEFORE_PARK: Duration = Duration::from_millis(2);
+
+/// How long the owner spins for late helpers before it also yields its core (a helper may be
+/// waiting for that very core when the machine is oversubscribed).
+const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(50);
+
+/// The job of one epoch: `f` for every index below `n`. The pointer's lifetime is erased; the
+/// owner keeps `f` alive until every helper has reported the epoch done.
+#[derive(Clone, Copy)]
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
+    n: usize,
+}
+
+/// State shared by the owner and the helpers.
+struct Shared {
+    /// Bumped once per job; helpers run a job when they see it change.
+    epoch: AtomicU64,
+    /// Written by the owner before it bumps `epoch`, read by helpers after they see the bump.
+    job: UnsafeCell<Job>,
+    /// The next index to claim.
+    next: AtomicUsize,
+    /// Helpers finished with the current epoch.
+    done: AtomicUsize,
+    /// Whether some index of the current job panicked on a helper.
+    panicked: AtomicBool,
+    /// Per helper: parked (or about to park), so the owner must unpark it.
+    sleeping: Vec<AtomicBool>,
+}
+
+// SAFETY: `job` is written only by the owner (who holds the team's lock) while no helper reads it:
+// before the epoch bump that publishes it (Release/Acquire on `epoch`) and after every helper has
+// reported the previous epoch done. The job's closure is `Sync`, so running it from several
+// threads at once is allowed.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+impl Shared {
+    /// Claims and runs indices of `job` until none are left; whether any panicked.
+    fn run(&self, job: Job) -> bool {
+        // SAFETY: the owner keeps the closure alive until this epoch is reported done.
+        let f = unsafe { &*job.f };
+        catch_unwind(AssertUnwindSafe(|| loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= job.n {
+                break;
+            }
+            f(i);
+        }))
+        .is_err()
+    }
+}
+
+/// The process's team.
+struct Team {
+    owner: Mutex<()>,
+    shared: Arc<Shared>,
+    helpers: Vec<Thread>,
+}
+
+thread_local! {
+    /// Set on helper threads, and on the owner while it runs a job: a nested call runs inline.
+    static IN_TEAM: Cell<bool> = const { Cell::new(false) };
+}
+
+fn team() -> Option<&'static Team> {
+    static TEAM: OnceLock<Option<Team>> = OnceLock::new();
+    TEAM.get_or_init(|| Team::start(rayon::current_num_threads().saturating_sub(1))).as_ref()
+}
+
+impl Team {
+    /// Starts `n` helpers; `None` when there are none to start (one thread: plain loops are best)
+    /// or the OS refuses a thread.
+    fn start(n: usize) -> Option<Team> {
+        if n == 0 {
+            return None;
+        }
+        let noop: &'static (dyn Fn(usize) + Sync) = &|_| {};
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: UnsafeCell::new(Job { f: noop, n: 0 }),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleeping: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        });
+        let mut helpers = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = Arc::clone(&shared);
+            let handle = thread::Builder::new().name(format!("nibble-team-{i}")).spawn(move || helper(&s, i));
+            match handle {
+                Ok(h) => helpers.push(h.thread().clone()),
+                Err(e) => {
+                    // Helpers already started spin out and park for good: harmless.
+                    tracing::warn!("could not start a kernel thread ({e}); products use rayon");
+                    return None;
+                }
+            }
+        }
+        Some(Team { owner: Mutex::new(()), shared, helpers })
+    }
+}
+
+/// A helper's life: wait for an epoch, run its share, report, repeat.
+fn helper(s: &Shared, me: usize) {
+    IN_TEAM.with(|t| t.set(true));
+    let mut seen = 0u64;
+    loop {
+        let mut idle_since: Option<Instant> = None;
+        let mut spins = 0u32;
+        loop {
+            let e = s.epoch.load(Ordering::Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 256 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let start = *idle_since.get_or_insert_with(Instant::now);
+            if start.elapsed() < SPIN_BEFORE_PARK {
+                continue;
+            }
+            // Announce the nap, then look once more: the owner either sees the flag (and
+            // unparks us) or bumped the epoch before it, which this load sees.
+            let flag = s.sleeping.get(me);
+            if let Some(flag) = flag {
+                flag.store(true, Ordering::SeqCst);
+            }
+            if s.epoch.load(Ordering::SeqCst) == seen {
+                thread::park();
+            }
+            if let Some(flag) = flag {
+                flag.store(false, Ordering::SeqCst);
+            }
+            idle_since = None;
+        }
+        // SAFETY: see `Shared`: the owner wrote the job before the bump we just observed.
+        let job = unsafe { *s.job.get() };
+        if s.run(job) {
+            s.panicked.store(true, Ordering::Relaxed);
+        }
+        s.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Runs `f(i)` for every `i < n`, each exactly once, shared between the calling thread and the
+/// team's helpers (or rayon's pool when the team is busy; inline inside a team job). Returns when
+/// every call has returned; a panic in `f` is re-raised here.
+pub fn for_each_index(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    if n <= 1 || IN_TEAM.with(|t| t.get()) {
+        (0..n).for_each(f);
+        return;
+    }
+    let Some(team) = team() else {
+        (0..n).into_par_iter().for_each(f);
+        return;
+    };
+    let Ok(_owner) = team.owner.try_lock() else {
+        (0..n).into_par_iter().for_each(f);
+        return;
+    };
+    let s = &*team.shared;
+    // SAFETY: only the lifetime is erased; `f` outlives this call, and this call returns only
+    // after every helper has reported the epoch done (below), so no helper holds `f` after it.
+    let erased: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f) };
+    let job = Job { f: erased, n };
+    // SAFETY: we hold the owner lock and every helper finished the previous epoch (the previous
+    // owner waited for them), so nobody reads the slot now.
+    unsafe { *s.job.get() = job };
+    s.next.store(0, Ordering::Relaxed);
+    s.done.store(0, Ordering::Relaxed);
+    s.panicked.store(false, Ordering::Relaxed);
+    s.epoch.fetch_add(1, Ordering::SeqCst);
+    for (flag, t) in s.sleeping.iter().zip(&team.helpers) {
+        if flag.load(Ordering::SeqCst) {
+            t.unpark();
+        }
+    }
+    IN_TEAM.with(|t| t.set(true));
+    let mine_panicked = s.run(job);
+    IN_TEAM.with(|t| t.set(false));
+    let waiting = Instant::now();
+    let mut spins = 0u32;
+    while s.done.load(Ordering::Acquire) < team.helpers.len() {
+        spins = spins.wrapping_add(1);
+        if spins % 256 == 0 && waiting.elapsed() > SPIN_BEFORE_YIELD {
+            thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    if mine_panicked || s.panicked.load(Ordering::Relaxed) {
+        resume_unwind(Box::new("a kernel task panicked"));
+    }
+}
+
+/// Splits `y` into chunks of `per_task` values and runs `run(t, chunk_t)` for each chunk `t`
+/// with [`for_each_index`]; a single chunk runs inline (no hand-off at all).
+pub fn for_each_chunk_mut<T: Send>(y: &mut [T], per_task: usize, run: impl Fn(usize, &mut [T]) + Sync) {
+    let per_task = per_task.max(1);
+    if y.len() <= per_task {
+        run(0, y);
+        return;
+    }
+    // Each chunk is claimed by exactly one index, so each lock is taken once, uncontended.
+    let chunks: Vec<Mutex<&mut [T]>> = y.chunks_mut(per_task).map(Mutex::new).collect();
+    for_each_index(chunks.len(), &|t| {
+        if let Some(Ok(mut c)) = chunks.get(t).map(|m| m.lock()) {
+            run(t, &mut c);
+        }
+    });
+}
+
+/// Whether products called from this thread now would be split by the team (its hand-offs are
+/// cheap, so work can be cut finer than for rayon).
+pub(crate) fn available() -> bool {
+    !IN_TEAM.with(|t| t.get()) && team().is_some_and(|t| t.owner.try_lock().is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every index runs exactly once, including from several callers at once (one gets the
+    /// team, the others rayon) and from a call nested inside a job.
+    #[test]
+    fn every_index_once() {
+        let run = |n: usize| {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            for_each_index(n, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+                if i == 0 {
+                    let inner: Vec<AtomicUsize> = (0..5).map(|_| AtomicUsize::new(0)).collect();
+                    for_each_index(5, &|j| {
+                        inner[j].fetch_add(1, Ordering::Relaxed);
+                    });
+                    assert!(inner.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
+        };
+        thread::scope(|sc| {
+            for _ in 0..3 {
+                sc.spawn(|| {
+                    for n in [0, 1, 2, 3, 7, 64, 1000] {
+                        for _ in 0..50 {
+                            run(n);
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// Chunks cover the slice in order, each written by its own task.
+    #[test]
+    fn chunks_cover_the_slice() {
+        let mut y = vec![0usize; 1001];
+        for_each_chunk_mut(&mut y, 64, |t, c| {
+            for (i, v) in c.iter_mut().enumerate() {
+                *v = t * 64 + i;
+            }
+        });
+        assert!(y.iter().enumerate().all(|(i, &v)| i == v));
+    }
+
+    /// A panic in a task reaches the caller, and the team keeps working afterwards.
+    #[test]
+    fn a_panic_reaches_the_caller() {
+        let r = catch_unwind(|| for_each_index(100, &|i| assert!(i != 57, "task 57")));
+        assert!(r.is_err());
+        let hits = AtomicUsize::new(0);
+        for_each_index(100, &|_| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 100);
+    }
+}
