@@ -428,8 +428,12 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
 ///
 /// The decode kernel of choice: every row starts on a block boundary, so the loop walks 32-byte
 /// chunks (64 weights, one or two blocks) with no per-weight index arithmetic, splitting high and
-/// low nibbles of a whole chunk with one shift and two masks, and keeps eight accumulators so
-/// that FMA latency never limits it.
+/// low nibbles of a whole chunk with one shift and two masks.
+///
+/// When the weights end in bf16, blocks are 64 values or more and a row's scales are finite, the block
+/// scale is factored out: `sum_b s_b * sum_(i in b) bf16(code_i) * x_i`, one fixed table for
+/// the whole matrix instead of one per block (the tables were a third of the work). Otherwise
+/// each block's table of exactly rounded weights is built first ([`row_tables`]).
 ///
 /// # Safety
 /// The CPU must support avx2, fma and f16c. `w.in_features % 64 == 0`,
@@ -449,60 +453,141 @@ pub(super) unsafe fn gemv_row64(w: &Matrix4bit<'_>, xp: &[f32], out: &mut [f32],
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemv_row64_impl<const MODE: u8>(w: &Matrix4bit<'_>, xp: &[f32], out: &mut [f32], row0: usize) {
     let n_in = w.in_features;
-    let bs = w.blocksize;
-    let bs_shift = bs.trailing_zeros();
+    let bs_shift = w.blocksize.trailing_zeros();
     let lq = code_book_lanes(w);
     let low4 = _mm256_set1_epi8(0x0f);
     let hi16 = hi16_mask();
-    let n_planes = if two_planes(MODE) { 2 } else { 4 };
     let blocks = n_in >> bs_shift;
-    // Table slots as `row_tables` lays them out.
+    // Table slots as `row_tables` lays them out (rows that take the exact path).
     let mut tabs = vec![_mm_setzero_si128(); blocks.div_ceil(2) * 8];
-    let chunks = n_in / 64;
-    let xpp = xp.as_ptr();
+    // The code book rounded to bf16, as the planes of a block pair, both lanes the same.
+    let mut h = [_mm256_setzero_si256(); 4];
+    for (h, q) in h.iter_mut().zip(&lq) {
+        *h = bf16_bits(*q);
+    }
+    let [lo, hi] = planes2_pair(h);
+    let code_planes = [lo, hi, low4, low4];
+    let factored = two_planes(MODE) && w.blocksize >= 64;
     for (i, o) in out.iter_mut().enumerate() {
         let start = (row0 + i) * n_in;
         let b0 = start >> bs_shift;
         let scales = &w.absmax[b0..b0 + blocks];
-        row_tables::<MODE>(w, &lq, b0, scales, &mut tabs);
+        // 32-byte chunks of this row: `start / 2 + 32 c + 32 <= (start + n_in) / 2`.
         let bytes = w.packed.as_ptr().add(start / 2);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let tp = tabs.as_ptr();
-        for c in 0..chunks {
-            // The chunk's planes: lane 0 for its first 32 weights, lane 1 for the last 32. With
-            // blocks of 32 those are blocks 2c and 2c + 1, pair c: a plain 32-byte load. With
-            // larger blocks both lanes take block j, broadcast.
-            // (No closure: it would not inherit `target_feature`.)
-            let mut t = [low4; 4];
-            for (k, tk) in t.iter_mut().enumerate().take(n_planes) {
-                *tk = if bs == 32 {
-                    _mm256_loadu_si256(tp.add(8 * c + 2 * k).cast())
-                } else {
-                    let j = (64 * c) >> bs_shift;
-                    _mm256_broadcastsi128_si256(*tp.add(8 * (j >> 1) + (j & 1) + 2 * k))
-                };
+        *o = if factored && scales.iter().fold(true, |ok, s| ok & s.is_finite()) {
+            if w.blocksize == 64 {
+                // The default block size gets its own copy of the loop: one chunk per block.
+                row64_scaled::<1>(bytes, scales, 1, xp, &code_planes, hi16)
+            } else {
+                row64_scaled::<0>(bytes, scales, w.blocksize / 64, xp, &code_planes, hi16)
             }
-            // 32 bytes of this row: `start / 2 + 32 c + 32 <= (start + n_in) / 2`.
-            let v = _mm256_loadu_si256(bytes.add(32 * c).cast());
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            let lo = _mm256_and_si256(v, low4);
-            let fh = lookup32::<MODE>(&t, hi, hi16);
-            let fl = lookup32::<MODE>(&t, lo, hi16);
-            // `xp` has n_in values: 64 c + 64 <= n_in.
-            let xc = xpp.add(64 * c);
-            acc[0] = _mm256_fmadd_ps(fh[0], _mm256_loadu_ps(xc), acc[0]);
-            acc[1] = _mm256_fmadd_ps(fh[1], _mm256_loadu_ps(xc.add(8)), acc[1]);
-            acc[2] = _mm256_fmadd_ps(fh[2], _mm256_loadu_ps(xc.add(16)), acc[2]);
-            acc[3] = _mm256_fmadd_ps(fh[3], _mm256_loadu_ps(xc.add(24)), acc[3]);
-            acc[4] = _mm256_fmadd_ps(fl[0], _mm256_loadu_ps(xc.add(32)), acc[4]);
-            acc[5] = _mm256_fmadd_ps(fl[1], _mm256_loadu_ps(xc.add(40)), acc[5]);
-            acc[6] = _mm256_fmadd_ps(fl[2], _mm256_loadu_ps(xc.add(48)), acc[6]);
-            acc[7] = _mm256_fmadd_ps(fl[3], _mm256_loadu_ps(xc.add(56)), acc[7]);
-        }
-        let s0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let s1 = _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7]));
-        *o = hsum(_mm256_add_ps(s0, s1));
+        } else {
+            row_tables::<MODE>(w, &lq, b0, scales, &mut tabs);
+            row64_tables::<MODE>(bytes, &tabs, w.blocksize, n_in / 64, xp, hi16)
+        };
     }
+}
+
+/// Splits a 32-byte chunk of packed weights into its high nibbles (even weights) and low ones.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn nibbles64(chunk: *const u8) -> (__m256i, __m256i) {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let v = _mm256_loadu_si256(chunk.cast());
+    (_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), _mm256_and_si256(v, low4))
+}
+
+/// One row of [`gemv_row64`] with per-block tables (`tabs`, as [`row_tables`] fills them for the
+/// row's blocks): eight accumulators, so FMA latency never limits it. `chunks` is `n_in / 64`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn row64_tables<const MODE: u8>(
+    bytes: *const u8,
+    tabs: &[__m128i],
+    bs: usize,
+    chunks: usize,
+    xp: &[f32],
+    hi16: __m256i,
+) -> f32 {
+    let bs_shift = bs.trailing_zeros();
+    let n_planes = if two_planes(MODE) { 2 } else { 4 };
+    let low4 = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let tp = tabs.as_ptr();
+    let xpp = xp.as_ptr();
+    for c in 0..chunks {
+        // The chunk's planes: lane 0 for its first 32 weights, lane 1 for the last 32. With
+        // blocks of 32 those are blocks 2c and 2c + 1, pair c: a plain 32-byte load. With
+        // larger blocks both lanes take block j, broadcast.
+        // (No closure: it would not inherit `target_feature`.)
+        let mut t = [low4; 4];
+        for (k, tk) in t.iter_mut().enumerate().take(n_planes) {
+            *tk = if bs == 32 {
+                _mm256_loadu_si256(tp.add(8 * c + 2 * k).cast())
+            } else {
+                let j = (64 * c) >> bs_shift;
+                _mm256_broadcastsi128_si256(*tp.add(8 * (j >> 1) + (j & 1) + 2 * k))
+            };
+        }
+        let (hi, lo) = nibbles64(bytes.add(32 * c));
+        let fh = lookup32::<MODE>(&t, hi, hi16);
+        let fl = lookup32::<MODE>(&t, lo, hi16);
+        // `xp` has n_in values: 64 c + 64 <= n_in.
+        let xc = xpp.add(64 * c);
+        for k in 0..4 {
+            acc[k] = _mm256_fmadd_ps(fh[k], _mm256_loadu_ps(xc.add(8 * k)), acc[k]);
+            acc[4 + k] = _mm256_fmadd_ps(fl[k], _mm256_loadu_ps(xc.add(32 + 8 * k)), acc[4 + k]);
+        }
+    }
+    let s0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let s1 = _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7]));
+    hsum(_mm256_add_ps(s0, s1))
+}
+
+/// One row of [`gemv_row64`] with the block scales factored out: per block of `cpb` chunks, two
+/// partial sums of `code * x` (bf16 code book `planes`), then one FMA by the block's scale into
+/// one of two row accumulators. `scales` are the row's blocks; `CPB` is `cpb` when nonzero.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn row64_scaled<const CPB: usize>(
+    bytes: *const u8,
+    scales: &[f32],
+    cpb: usize,
+    xp: &[f32],
+    planes: &[__m256i; 4],
+    hi16: __m256i,
+) -> f32 {
+    // A known count (`CPB` > 0) lets the compiler drop the inner loop.
+    let cpb = if CPB > 0 { CPB } else { cpb };
+    // Two named accumulators, not an array indexed by block parity: a run-time index would
+    // keep them in memory.
+    let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let xpp = xp.as_ptr();
+    let mut c = 0;
+    for (j, &s) in scales.iter().enumerate() {
+        let mut part = [_mm256_setzero_ps(); 2];
+        for _ in 0..cpb {
+            let (hi, lo) = nibbles64(bytes.add(32 * c));
+            let fh = lookup32::<MODE_BF16>(planes, hi, hi16);
+            let fl = lookup32::<MODE_BF16>(planes, lo, hi16);
+            // `xp` has n_in = scales.len() * cpb * 64 values: 64 c + 64 <= n_in.
+            let xc = xpp.add(64 * c);
+            for k in 0..4 {
+                part[k & 1] = _mm256_fmadd_ps(fh[k], _mm256_loadu_ps(xc.add(8 * k)), part[k & 1]);
+            }
+            for k in 0..4 {
+                part[k & 1] = _mm256_fmadd_ps(fl[k], _mm256_loadu_ps(xc.add(32 + 8 * k)), part[k & 1]);
+            }
+            c += 1;
+        }
+        let block = _mm256_add_ps(part[0], part[1]);
+        if j & 1 == 0 {
+            even = _mm256_fmadd_ps(block, _mm256_set1_ps(s), even);
+        } else {
+            odd = _mm256_fmadd_ps(block, _mm256_set1_ps(s), odd);
+        }
+    }
+    hsum(_mm256_add_ps(even, odd))
 }
 
 /// Decodes the values `e0 .. e0 + out.len()` of the flattened weight into `out` in natural
@@ -951,3 +1036,4 @@ pub(super) unsafe fn outlier_mask_row(p: *const u8, n: usize, threshold: f32, ma
     }
     i
 }
+

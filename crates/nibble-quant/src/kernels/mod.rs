@@ -19,6 +19,15 @@
 //! from a reference matmul, so results agree within f32 rounding of the sum (`~in * 2^-24 *
 //! sum |w x|`).
 //!
+//! One kernel trades that exactness for speed where it costs no more than the reference's own
+//! rounding: the AVX2 one-token decode kernel, for weights whose last rounding is bf16 (a bf16
+//! checkpoint, or bf16 compute) in blocks of 64 or more, computes `sum_b absmax_b * sum_(i in b)
+//! bf16(code_i) * x_i`. Building a table per block was a third of its work; this needs one table
+//! per matrix. Each weight then differs from bitsandbytes' `bf16(code * absmax)` by at most
+//! `2^-8` relative (two bf16 roundings), so a product differs by at most `2^-8 * sum |w x|` more:
+//! the size of the bf16 rounding the reference applies itself. f32 and f16 weights, prefill and
+//! the other kernels stay exact as above.
+//!
 //! # Int8 semantics
 //!
 //! Integer products and sums are exact, so [`int8_matmul_i32`] equals the scalar definition bit for
@@ -168,10 +177,17 @@ pub(crate) const MIN_MACS_PER_TASK: usize = 64 * 1024;
 /// of microseconds, about as long as 256 Ki multiply-adds on one core.
 pub(crate) const MIN_MACS_PER_TASK_COLD: usize = 256 * 1024;
 
-/// [`MIN_MACS_PER_TASK`] when the hand-offs are cheap (the kernel team is free, or this is a
-/// thread of the pool), [`MIN_MACS_PER_TASK_COLD`] otherwise.
+/// The same for matrix-vector products the kernel team runs: a hand-off there is a cache-line
+/// round trip, so pieces of a few microseconds are worth it (they even out the finishing times
+/// of the small matrices of a 100M-parameter model).
+pub(crate) const MIN_MACS_PER_TASK_TEAM: usize = 16 * 1024;
+
+/// [`MIN_MACS_PER_TASK_TEAM`] when the kernel team is free, [`MIN_MACS_PER_TASK`] on a thread of
+/// the pool, [`MIN_MACS_PER_TASK_COLD`] otherwise.
 pub(crate) fn min_macs_per_matvec_task() -> usize {
-    if rayon::current_thread_index().is_some() || team::available() {
+    if team::available() {
+        MIN_MACS_PER_TASK_TEAM
+    } else if rayon::current_thread_index().is_some() {
         MIN_MACS_PER_TASK
     } else {
         MIN_MACS_PER_TASK_COLD
