@@ -83,7 +83,7 @@ fn reference_weight(q: &Packed4bit, r: Rounding) -> Vec<f64> {
 /// Whether `isa`'s product of this shape factors block scales out (the AVX2 one-row kernel for
 /// rows of whole 64-value chunks and whole blocks of 64 or more, weights ending in bf16).
 fn scale_factored(isa: Isa, r: Rounding, n_in: usize, bs: usize, rows: usize) -> bool {
-    isa == Isa::Avx2 && rows == 1 && r.stored() == Precision::Bf16 && bs >= 64 && n_in % 64 == 0 && n_in % bs == 0
+    isa == Isa::Avx2 && rows == 1 && r.stored() == Precision::Bf16 && bs >= 64 && n_in.is_multiple_of(64) && n_in.is_multiple_of(bs)
 }
 
 /// The weight term of the tolerance: `u_w` of the module docs for a scale-factored product.

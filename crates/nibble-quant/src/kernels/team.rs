@@ -140,7 +140,7 @@ fn helper(s: &Shared, me: usize) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 != 0 {
+            if !spins.is_multiple_of(256) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -211,7 +211,7 @@ pub fn for_each_index(n: usize, f: &(dyn Fn(usize) + Sync)) {
     let mut spins = 0u32;
     while s.done.load(Ordering::Acquire) < team.helpers.len() {
         spins = spins.wrapping_add(1);
-        if spins % 256 == 0 && waiting.elapsed() > SPIN_BEFORE_YIELD {
+        if spins.is_multiple_of(256) && waiting.elapsed() > SPIN_BEFORE_YIELD {
             thread::yield_now();
         } else {
             std::hint::spin_loop();
