@@ -298,29 +298,32 @@ fn render(
     );
     let _ = writeln!(
         s,
-        "- **Bandwidth floor**: a decode step reads every weight matrix once, so no system can decode faster than \
-         (all-thread read bandwidth) / (weight bytes read per token); \"of floor\" is decode tok/s over that.\n"
+        "- **Bandwidth floor**: a decode step reads every weight matrix once, so its floor is (read bandwidth) / \
+         (weight bytes read per token). Issue 7 states it with the one-thread bandwidth; the all-thread one is the \
+         stricter floor for a decode that runs on every thread. \"of floor\" is decode tok/s over each.\n"
     );
 
     let _ = writeln!(s, "### Decode ({} tokens, greedy) and prefill ({} tokens)\n", args.decode_tokens, args.prefill_tokens);
     let _ = writeln!(
         s,
-        "| model | system | weights read / token | decode tok/s | floor tok/s | of floor | prefill tok/s | load s | load → first token s | peak RSS | peak anon. RSS |"
+        "| model | system | weights read / token | decode tok/s | floor tok/s (1 thread / all) | of floor (1 thread / all) | prefill tok/s | load s | load → first token s | peak RSS | peak anon. RSS |"
     );
     let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         match &r.result {
             Ok(m) => {
-                let floor = bw_all / m.bytes_per_token.max(1) as f64;
+                let (floor1, floor_all) = (bw1 / m.bytes_per_token.max(1) as f64, bw_all / m.bytes_per_token.max(1) as f64);
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {:.1} MiB | {:.1} | {:.1} | {:.0}% | {:.1} | {:.2} | {:.2} | {:.0} MiB | {:.0} MiB |",
+                    "| {} | {} | {:.1} MiB | {:.1} | {:.0} / {:.0} | {:.0}% / {:.0}% | {:.1} | {:.2} | {:.2} | {:.0} MiB | {:.0} MiB |",
                     r.model,
                     r.system,
                     mib(m.bytes_per_token),
                     m.decode_tps,
-                    floor,
-                    100.0 * m.decode_tps / floor,
+                    floor1,
+                    floor_all,
+                    100.0 * m.decode_tps / floor1,
+                    100.0 * m.decode_tps / floor_all,
                     m.prefill_tps,
                     m.load_s,
                     m.first_token_s,
@@ -370,8 +373,16 @@ fn render(
         }
     }
     if let Some(n) = smol_nf4 {
-        let frac = n.decode_tps / (bw_all / n.bytes_per_token.max(1) as f64);
-        let _ = writeln!(s, "- SmolLM2 NF4 decode ≥ 60% of the bandwidth floor: {:.0}%: {}", 100.0 * frac, mark(frac >= 0.6));
+        let frac1 = n.decode_tps / (bw1 / n.bytes_per_token.max(1) as f64);
+        let frac_all = n.decode_tps / (bw_all / n.bytes_per_token.max(1) as f64);
+        let _ = writeln!(
+            s,
+            "- SmolLM2 NF4 decode ≥ 60% of the bandwidth floor (the issue's: one-thread bandwidth): {:.0}%: {} \
+             (against the all-thread bandwidth: {:.0}%)",
+            100.0 * frac1,
+            mark(frac1 >= 0.6),
+            100.0 * frac_all
+        );
         if let Some(f) = find(rows, "SmolLM2", "nibble f32") {
             let r = n.prefill_tps / f.prefill_tps;
             let _ = writeln!(s, "- SmolLM2 NF4 prefill ≥ 0.7× f32 prefill: {:.2}× ({:.1} vs {:.1} tok/s): {}", r, n.prefill_tps, f.prefill_tps, mark(r >= 0.7));
@@ -394,12 +405,14 @@ fn render(
     for prefix in ["random"] {
         if let (Some(n), Some(f)) = (find(rows, prefix, "nibble nf4"), find(rows, prefix, "nibble f32")) {
             let r = n.prefill_tps / f.prefill_tps;
-            let frac = n.decode_tps / (bw_all / n.bytes_per_token.max(1) as f64);
+            let frac1 = n.decode_tps / (bw1 / n.bytes_per_token.max(1) as f64);
+            let frac_all = n.decode_tps / (bw_all / n.bytes_per_token.max(1) as f64);
             let _ = writeln!(
                 s,
-                "- (1B, for reference) NF4 prefill {:.2}× f32; NF4 decode {:.0}% of its floor.",
+                "- (1B, for reference) NF4 prefill {:.2}× f32; NF4 decode {:.0}% of its floor (one thread), {:.0}% (all threads).",
                 r,
-                100.0 * frac
+                100.0 * frac1,
+                100.0 * frac_all
             );
         }
     }
