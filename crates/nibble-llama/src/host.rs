@@ -152,8 +152,9 @@ fn softmax(s: &mut [f32]) {
     }
 }
 
-/// Attention work (query heads x positions x head_dim) above which heads run in parallel.
-const PAR_ATTENTION_MACS: usize = 1 << 16;
+/// Attention work (query heads x positions x head_dim) above which heads run in parallel: a few
+/// microseconds, since handing work to the kernel team costs well under one.
+const PAR_ATTENTION_MACS: usize = 1 << 13;
 
 impl Llama {
     /// Whether a layer on `device` runs its decode steps on host buffers.
