@@ -708,6 +708,10 @@ pub(super) unsafe fn dot_16bit<const F16: bool>(w: *const u16, x: &[f32], n: usi
     let mut i = 0;
     // Loads read `i .. i + 32 <= n` of both.
     while i + 32 <= n {
+        // 1 KiB ahead (512 values): the hardware prefetcher alone left a decode's `lm_head`
+        // (57 MiB of bf16 for SmolLM2) at about 20 GB/s; this took it about 15% faster. A prefetch
+        // never faults, so running past the end is harmless.
+        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i + 512).cast());
         for (j, s) in acc.iter_mut().enumerate() {
             *s = _mm256_fmadd_ps(load16::<F16>(w, i + 8 * j), _mm256_loadu_ps(xp.add(i + 8 * j)), *s);
         }
