@@ -303,7 +303,11 @@ fn render(
          stricter floor for a decode that runs on every thread. \"of floor\" is decode tok/s over each.\n"
     );
 
-    let _ = writeln!(s, "### Decode ({} tokens, greedy) and prefill ({} tokens)\n", args.decode_tokens, args.prefill_tokens);
+    let _ = writeln!(
+        s,
+        "### Decode ({} tokens, greedy) and prefill ({} tokens), best of three runs each\n",
+        args.decode_tokens, args.prefill_tokens
+    );
     let _ = writeln!(
         s,
         "| model | system | weights read / token | decode tok/s | floor tok/s (1 thread / all) | of floor (1 thread / all) | prefill tok/s | load s | load → first token s | peak RSS | peak anon. RSS |"
