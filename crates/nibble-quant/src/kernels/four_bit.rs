@@ -8,7 +8,8 @@
 //!   decodes a panel of weights (16 outputs x up to [`KC`] inputs, a few KiB) into f32 once and
 //!   runs a register-tiled f32 micro-kernel over all rows; decoding becomes a small fixed cost.
 //!
-//! Both are split across threads by output rows (rayon); the weight is never held in full
+//! Both are split across threads by output rows (one-row products on the kernel team of
+//! [`super::for_each_index`], the others on rayon); the weight is never held in full
 //! precision beyond one panel per thread.
 
 use half::{bf16, f16};

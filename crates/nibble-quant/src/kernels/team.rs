@@ -2,8 +2,8 @@
 //!
 //! One token through a 30-layer model is about two hundred matrix-vector products of a few
 //! hundred microseconds or less each. Handing each to rayon costs a wake-up and a join every time
-//! (rayon's idle workers yield to the OS and then sleep). Here the calling thread and `threads - 1` helpers share each product:
-//! between products the helpers spin on an atomic counter for a couple of milliseconds (longer
+//! (rayon's idle workers yield to the OS and then sleep). Here the calling thread and
+//! `threads - 1` helpers share each product: between products the helpers spin on an atomic counter for a couple of milliseconds (longer
 //! than any gap inside or between decode steps) before they park, so a hand-off costs a cache-line
 //! round trip instead of a system call.
 //!
