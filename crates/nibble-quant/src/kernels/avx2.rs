@@ -437,10 +437,10 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
 /// chunks (64 weights, one or two blocks) with no per-weight index arithmetic, splitting high and
 /// low nibbles of a whole chunk with one shift and two masks.
 ///
-/// When the weights end in bf16, blocks are 64 values or more and a row's scales are finite, the block
-/// scale is factored out: `sum_b s_b * sum_(i in b) bf16(code_i) * x_i`, one fixed table for
-/// the whole matrix instead of one per block (the tables were a third of the work). Otherwise
-/// each block's table of exactly rounded weights is built first ([`row_tables`]).
+/// When the weights end in bf16, blocks are 64 values or more and a row's scales are finite, the
+/// block scale is factored out: `sum_b s_b * sum_(i in b) bf16(code_i) * x_i`, one fixed table
+/// for the whole matrix instead of one per block (the tables were a third of the work).
+/// Otherwise each block's table of exactly rounded weights is built first ([`row_tables`]).
 ///
 /// # Safety
 /// The CPU must support avx2, fma and f16c. `w.in_features % 64 == 0`,
@@ -1047,4 +1047,3 @@ pub(super) unsafe fn outlier_mask_row(p: *const u8, n: usize, threshold: f32, ma
     }
     i
 }
-

@@ -16,7 +16,7 @@ use half::{bf16, f16};
 use nibble_core::{Error, Result};
 use rayon::prelude::*;
 
-use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
+use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, min_macs_per_pool_task, Isa, MIN_MACS_PER_TASK};
 use crate::functional::{check_blocksize, tables, QuantType};
 
 /// A floating-point precision a dequantized weight passes through.
@@ -284,7 +284,9 @@ fn gemv_avx2(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
     // The kernel decodes weights in an interleaved order; permuting x once per call to match is
     // cheaper than un-permuting every decoded weight.
     let xp: Vec<f32> = x.chunks_exact(n_in).flat_map(super::avx2::permute_x).collect();
-    let per_task = chunk_len(n_out, min_macs_per_matvec_task().div_ceil(n_in * rows));
+    // One row goes to the kernel team, several to rayon (below).
+    let min_macs = if rows == 1 { min_macs_per_matvec_task() } else { min_macs_per_pool_task() };
+    let per_task = chunk_len(n_out, min_macs.div_ceil(n_in * rows));
     // Weight rows `o0 .. o0 + n` for every activation row, into `out` as `[n, rows]`.
     let run = |o0: usize, n: usize, out: &mut [f32]| {
         let mut r0 = 0;

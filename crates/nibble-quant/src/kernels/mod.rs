@@ -24,8 +24,9 @@
 //! checkpoint, or bf16 compute) in blocks of 64 or more, computes `sum_b absmax_b * sum_(i in b)
 //! bf16(code_i) * x_i`. Building a table per block was a third of its work; this needs one table
 //! per matrix. Each weight then differs from bitsandbytes' `bf16(code * absmax)` by at most
-//! `2^-8` relative (two bf16 roundings), so a product differs by at most `2^-8 * sum |w x|` more:
-//! the size of the bf16 rounding the reference applies itself. f32 and f16 weights, prefill and
+//! `2^-8` relative (two bf16 roundings; `2^-11` more when the weights were f16 first), so a
+//! product differs by at most about `2^-8 * sum |w x|` more: the size of the bf16 rounding the
+//! reference applies itself. f32 and f16 weights, prefill and
 //! the other kernels stay exact as above.
 //!
 //! # Int8 semantics
@@ -182,12 +183,20 @@ pub(crate) const MIN_MACS_PER_TASK_COLD: usize = 256 * 1024;
 /// of the small matrices of a 100M-parameter model).
 pub(crate) const MIN_MACS_PER_TASK_TEAM: usize = 16 * 1024;
 
-/// [`MIN_MACS_PER_TASK_TEAM`] when the kernel team is free, [`MIN_MACS_PER_TASK`] on a thread of
-/// the pool, [`MIN_MACS_PER_TASK_COLD`] otherwise.
+/// For work split with [`for_each_chunk_mut`]: [`MIN_MACS_PER_TASK_TEAM`] when the kernel team is
+/// free, else as [`min_macs_per_pool_task`] (a busy team hands the work to rayon).
 pub(crate) fn min_macs_per_matvec_task() -> usize {
     if team::available() {
         MIN_MACS_PER_TASK_TEAM
-    } else if rayon::current_thread_index().is_some() {
+    } else {
+        min_macs_per_pool_task()
+    }
+}
+
+/// For work split on rayon's pool: [`MIN_MACS_PER_TASK`] on a thread of the pool,
+/// [`MIN_MACS_PER_TASK_COLD`] outside it.
+pub(crate) fn min_macs_per_pool_task() -> usize {
+    if rayon::current_thread_index().is_some() {
         MIN_MACS_PER_TASK
     } else {
         MIN_MACS_PER_TASK_COLD
