@@ -14,7 +14,7 @@
 use std::cell::{Cell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -126,6 +126,19 @@ impl Team {
     }
 }
 
+impl Team {
+    /// The owner lock, unless another caller holds it. A lock poisoned by a panic that went
+    /// through [`for_each_index`] is taken as it is: that call waited for every helper before
+    /// unwinding, so the shared state is consistent.
+    fn try_own(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.owner.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
 /// A helper's life: wait for an epoch, run its share, report, repeat.
 fn helper(s: &Shared, me: usize) {
     IN_TEAM.with(|t| t.set(true));
@@ -183,7 +196,7 @@ pub fn for_each_index(n: usize, f: &(dyn Fn(usize) + Sync)) {
         (0..n).into_par_iter().for_each(f);
         return;
     };
-    let Ok(_owner) = team.owner.try_lock() else {
+    let Some(_owner) = team.try_own() else {
         (0..n).into_par_iter().for_each(f);
         return;
     };
@@ -242,7 +255,7 @@ pub fn for_each_chunk_mut<T: Send>(y: &mut [T], per_task: usize, run: impl Fn(us
 /// Whether products called from this thread now would be split by the team (its hand-offs are
 /// cheap, so work can be cut finer than for rayon).
 pub(crate) fn available() -> bool {
-    !IN_TEAM.with(|t| t.get()) && team().is_some_and(|t| t.owner.try_lock().is_ok())
+    !IN_TEAM.with(|t| t.get()) && team().is_some_and(|t| t.try_own().is_some())
 }
 
 #[cfg(test)]
@@ -297,6 +310,14 @@ mod tests {
     fn a_panic_reaches_the_caller() {
         let r = catch_unwind(|| for_each_index(100, &|i| assert!(i != 57, "task 57")));
         assert!(r.is_err());
+        if let Some(t) = team() {
+            // Other tests may hold the team for a moment; a poisoned lock must not stop it.
+            let start = Instant::now();
+            while t.try_own().is_none() {
+                assert!(start.elapsed() < Duration::from_secs(10), "the team is not usable after a panic");
+                thread::yield_now();
+            }
+        }
         let hits = AtomicUsize::new(0);
         for_each_index(100, &|_| {
             hits.fetch_add(1, Ordering::Relaxed);
