@@ -305,7 +305,7 @@ fn render(
 
     let _ = writeln!(
         s,
-        "### Decode ({} tokens, greedy) and prefill ({} tokens), best of three runs each\n",
+        "### Decode ({} tokens, greedy) and prefill ({} tokens), best of three runs (one when a run takes over 5 s)\n",
         args.decode_tokens, args.prefill_tokens
     );
     let _ = writeln!(
