@@ -236,23 +236,32 @@ fn simd_4bit_paths_match_portable() {
 
 #[test]
 fn fused_4bit_handles_special_scales() {
-    // A NaN block and an all-zero block: the fused product sees what dequantize sees.
+    // A NaN block and an all-zero block: the fused product sees what dequantize sees. The NaN
+    // goes first in one matrix and last in the other, so rows of both kernels (per-block tables
+    // and scale-factored) come before and after it within one call.
     let (n_out, n_in) = (4, 64);
-    let mut w = Rng(3).vec(n_out * n_in, 1.0);
-    w[5] = f32::NAN;
-    w[64..128].fill(0.0);
-    let q = quantize_4bit(&w, 64, QuantType::Nf4, false).unwrap();
-    let absmax = q.absmax.try_to_f32().unwrap();
-    let x = vec![1.0f32; n_in];
-    // f32 weights take the per-block tables everywhere; bf16 ones the scale-factored AVX2 kernel
-    // for finite rows.
-    for rounding in [Rounding::NONE, Rounding { weight: Precision::Bf16, compute: Precision::F32 }] {
-        for isa in Isa::supported() {
-            let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, 64, QuantType::Nf4, rounding).unwrap();
-            let y = matmul_4bit_with(isa, &m, &x, 1).unwrap();
-            assert!(y[0].is_nan(), "{isa:?} {rounding:?}");
-            assert_eq!(y[1], 0.0, "{isa:?} {rounding:?}");
-            assert!(y[2].is_finite() && y[3].is_finite(), "{isa:?} {rounding:?}");
+    for nan_row in [0, 3] {
+        let mut w = Rng(3).vec(n_out * n_in, 1.0);
+        w[nan_row * n_in + 5] = f32::NAN;
+        w[64..128].fill(0.0);
+        let q = quantize_4bit(&w, 64, QuantType::Nf4, false).unwrap();
+        let absmax = q.absmax.try_to_f32().unwrap();
+        let x = vec![1.0f32; n_in];
+        // f32 weights take the per-block tables everywhere; bf16 ones the scale-factored AVX2
+        // kernel for finite rows.
+        for rounding in [Rounding::NONE, Rounding { weight: Precision::Bf16, compute: Precision::F32 }] {
+            for isa in Isa::supported() {
+                let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, 64, QuantType::Nf4, rounding).unwrap();
+                let y = matmul_4bit_with(isa, &m, &x, 1).unwrap();
+                let what = format!("{isa:?} {rounding:?} NaN in row {nan_row}");
+                for (o, v) in y.iter().enumerate() {
+                    match o {
+                        _ if o == nan_row => assert!(v.is_nan(), "{what}: row {o} is {v}"),
+                        1 => assert_eq!(*v, 0.0, "{what}"),
+                        _ => assert!(v.is_finite(), "{what}: row {o} is {v}"),
+                    }
+                }
+            }
         }
     }
 }

@@ -465,8 +465,9 @@ unsafe fn gemv_row64_impl<const MODE: u8>(w: &Matrix4bit<'_>, xp: &[f32], out: &
     let low4 = _mm256_set1_epi8(0x0f);
     let hi16 = hi16_mask();
     let blocks = n_in >> bs_shift;
-    // Table slots as `row_tables` lays them out (rows that take the exact path).
-    let mut tabs = vec![_mm_setzero_si128(); blocks.div_ceil(2) * 8];
+    // Table slots as `row_tables` lays them out, allocated for the first row that takes the exact
+    // path (scale-factored calls, many per decode step, need none).
+    let mut tabs: Vec<__m128i> = Vec::new();
     // The code book rounded to bf16, as the planes of a block pair, both lanes the same.
     let mut h = [_mm256_setzero_si256(); 4];
     for (h, q) in h.iter_mut().zip(&lq) {
@@ -489,6 +490,9 @@ unsafe fn gemv_row64_impl<const MODE: u8>(w: &Matrix4bit<'_>, xp: &[f32], out: &
                 row64_scaled::<0>(bytes, scales, w.blocksize / 64, xp, &code_planes, hi16)
             }
         } else {
+            if tabs.is_empty() {
+                tabs = vec![_mm_setzero_si128(); blocks.div_ceil(2) * 8];
+            }
             row_tables::<MODE>(w, &lq, b0, scales, &mut tabs);
             row64_tables::<MODE>(bytes, &tabs, w.blocksize, n_in / 64, xp, hi16)
         };
