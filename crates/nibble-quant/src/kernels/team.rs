@@ -13,8 +13,9 @@
 
 use std::cell::{Cell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,9 @@ const SPIN_BEFORE_PARK: Duration = Duration::from_millis(2);
 /// How long the owner spins for late helpers before it also yields its core (a helper may be
 /// waiting for that very core when the machine is oversubscribed).
 const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(50);
+
+/// A caught panic's payload.
+type Panic = Box<dyn Any + Send>;
 
 /// The job of one epoch: `f` for every index below `n`. The pointer's lifetime is erased; the
 /// owner keeps `f` alive until every helper has reported the epoch done.
@@ -47,8 +51,8 @@ struct Shared {
     next: AtomicUsize,
     /// Helpers finished with the current epoch.
     done: AtomicUsize,
-    /// Whether some index of the current job panicked on a helper.
-    panicked: AtomicBool,
+    /// The first panic of the current job on a helper, for the owner to re-raise.
+    panic: Mutex<Option<Panic>>,
     /// Per helper: parked (or about to park), so the owner must unpark it.
     sleeping: Vec<AtomicBool>,
 }
@@ -61,8 +65,10 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 impl Shared {
-    /// Claims and runs indices of `job` until none are left; whether any panicked.
-    fn run(&self, job: Job) -> bool {
+    /// Claims and runs indices of `job` until none are left; the panic that stopped it, if one
+    /// did. The payload is handed back, never dropped here: dropping it runs user code that may
+    /// panic again, which must not unwind past the owner's wait for the helpers.
+    fn run(&self, job: Job) -> Option<Panic> {
         // SAFETY: the owner keeps the closure alive until this epoch is reported done.
         let f = unsafe { &*job.f };
         catch_unwind(AssertUnwindSafe(|| loop {
@@ -72,7 +78,18 @@ impl Shared {
             }
             f(i);
         }))
-        .is_err()
+        .err()
+    }
+
+    /// Keeps a helper's panic for the owner; a second one is leaked rather than dropped (see
+    /// [`Shared::run`]).
+    fn keep_panic(&self, p: Panic) {
+        let mut slot = self.panic.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(p);
+        } else {
+            std::mem::forget(p);
+        }
     }
 }
 
@@ -88,6 +105,8 @@ thread_local! {
     static IN_TEAM: Cell<bool> = const { Cell::new(false) };
 }
 
+/// The process's team, started by the first call: one helper per rayon thread beyond the caller
+/// (`RAYON_NUM_THREADS`, or one per core), counted in the pool that call runs in.
 fn team() -> Option<&'static Team> {
     static TEAM: OnceLock<Option<Team>> = OnceLock::new();
     TEAM.get_or_init(|| Team::start(rayon::current_num_threads().saturating_sub(1))).as_ref()
@@ -106,7 +125,7 @@ impl Team {
             job: UnsafeCell::new(Job { f: noop, n: 0 }),
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
+            panic: Mutex::new(None),
             sleeping: (0..n).map(|_| AtomicBool::new(false)).collect(),
         });
         let mut helpers = Vec::with_capacity(n);
@@ -177,8 +196,8 @@ fn helper(s: &Shared, me: usize) {
         }
         // SAFETY: see `Shared`: the owner wrote the job before the bump we just observed.
         let job = unsafe { *s.job.get() };
-        if s.run(job) {
-            s.panicked.store(true, Ordering::Relaxed);
+        if let Some(p) = s.run(job) {
+            s.keep_panic(p);
         }
         s.done.fetch_add(1, Ordering::Release);
     }
@@ -210,7 +229,6 @@ pub fn for_each_index(n: usize, f: &(dyn Fn(usize) + Sync)) {
     unsafe { *s.job.get() = job };
     s.next.store(0, Ordering::Relaxed);
     s.done.store(0, Ordering::Relaxed);
-    s.panicked.store(false, Ordering::Relaxed);
     s.epoch.fetch_add(1, Ordering::SeqCst);
     for (flag, t) in s.sleeping.iter().zip(&team.helpers) {
         if flag.load(Ordering::SeqCst) {
@@ -218,7 +236,7 @@ pub fn for_each_index(n: usize, f: &(dyn Fn(usize) + Sync)) {
         }
     }
     IN_TEAM.with(|t| t.set(true));
-    let mine_panicked = s.run(job);
+    let mine = s.run(job);
     IN_TEAM.with(|t| t.set(false));
     let waiting = Instant::now();
     let mut spins = 0u32;
@@ -230,8 +248,15 @@ pub fn for_each_index(n: usize, f: &(dyn Fn(usize) + Sync)) {
             std::hint::spin_loop();
         }
     }
-    if mine_panicked || s.panicked.load(Ordering::Relaxed) {
-        resume_unwind(Box::new("a kernel task panicked"));
+    // Every helper is done with `f`; only now may a panic unwind out of here.
+    let theirs = s.panic.lock().unwrap_or_else(PoisonError::into_inner).take();
+    match (mine, theirs) {
+        (Some(p), other) => {
+            std::mem::forget(other);
+            resume_unwind(p)
+        }
+        (None, Some(p)) => resume_unwind(p),
+        (None, None) => {}
     }
 }
 
@@ -303,6 +328,49 @@ mod tests {
             }
         });
         assert!(y.iter().enumerate().all(|(i, &v)| i == v));
+    }
+
+    /// A panic payload whose drop panics again (user code can make one).
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("dropping the payload");
+        }
+    }
+
+    /// Such a payload reaches the caller as it is, whether the owner's share or a helper's
+    /// threw it, only after every task has returned (tasks still running would be reading the
+    /// caller's stack), and the team keeps working. (One task panics: rayon, which runs the job
+    /// when another test holds the team, drops all but the first of several payloads.)
+    #[test]
+    fn a_panicking_payload_is_passed_through_whole() {
+        for round in 0..20 {
+            let running = AtomicUsize::new(0);
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                for_each_index(64, &|i| {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    thread::sleep(Duration::from_micros(50));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    // Early in some rounds, late in others: either thread may claim it.
+                    if i == (round * 7) % 64 {
+                        std::panic::panic_any(Bomb);
+                    }
+                })
+            }));
+            assert_eq!(running.load(Ordering::SeqCst), 0, "returned while tasks still ran");
+            match r {
+                Err(p) => {
+                    assert!(p.is::<Bomb>(), "the payload is the task's own");
+                    std::mem::forget(p);
+                }
+                Ok(()) => panic!("the panic was lost"),
+            }
+        }
+        let hits = AtomicUsize::new(0);
+        for_each_index(100, &|_| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 100);
     }
 
     /// A panic in a task reaches the caller, and the team keeps working afterwards.
