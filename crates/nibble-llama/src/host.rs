@@ -106,24 +106,11 @@ impl HostKv {
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(w.len().max(1)) {
-        let sum2 = sum_squares(row);
+        let sum2 = dot_f32(row, row);
         let m = (sum2 / row.len() as f32 + eps).sqrt();
         out.extend(row.iter().zip(w).map(|(&v, &g)| v / m * g));
     }
     out
-}
-
-/// Eight running sums, so the loop vectorizes.
-fn sum_squares(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v * v;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Rotate-half RoPE of every `head_dim`-wide head in `x`, in place (candle's `rope`).
@@ -242,7 +229,7 @@ impl Llama {
         let rep = nh / nkv.max(1);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let t = kv.len();
-        let head = |(i, out): (usize, &mut [f32])| {
+        let head = |i: usize, out: &mut [f32]| {
             let (bi, hi) = (i / nh, i % nh);
             let qh = &q[i * hd..(i + 1) * hd];
             let (keys, values) = kv.head(bi, hi / rep);
@@ -258,9 +245,11 @@ impl Llama {
             return Err(Error::invalid_argument("query", format!("{} values for {b} x {nh} heads of {hd}", q.len())));
         }
         if b * nh * t * hd >= PAR_ATTENTION_MACS {
-            for_each_chunk_mut(&mut out, hd, |i, o| head((i, o)));
+            for_each_chunk_mut(&mut out, hd, head);
         } else {
-            out.chunks_mut(hd).enumerate().for_each(head);
+            for (i, o) in out.chunks_mut(hd).enumerate() {
+                head(i, o);
+            }
         }
         Ok(out)
     }
