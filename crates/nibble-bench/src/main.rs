@@ -249,6 +249,11 @@ fn today() -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The bandwidth floor of a measured row, in tokens/s, for a read bandwidth `bw` in bytes/s.
+fn floor(m: &Measured, bw: f64) -> f64 {
+    bw / m.bytes_per_token.max(1) as f64
+}
+
 fn find<'a>(rows: &'a [Row], model_prefix: &str, system: &str) -> Option<&'a Measured> {
     rows.iter()
         .find(|r| r.model.starts_with(model_prefix) && r.system == system)
@@ -316,7 +321,7 @@ fn render(
     for r in rows {
         match &r.result {
             Ok(m) => {
-                let (floor1, floor_all) = (bw1 / m.bytes_per_token.max(1) as f64, bw_all / m.bytes_per_token.max(1) as f64);
+                let (floor1, floor_all) = (floor(m, bw1), floor(m, bw_all));
                 let _ = writeln!(
                     s,
                     "| {} | {} | {:.1} MiB | {:.1} | {:.0} / {:.0} | {:.0}% / {:.0}% | {:.1} | {:.2} | {:.2} | {:.0} MiB | {:.0} MiB |",
@@ -377,8 +382,8 @@ fn render(
         }
     }
     if let Some(n) = smol_nf4 {
-        let frac1 = n.decode_tps / (bw1 / n.bytes_per_token.max(1) as f64);
-        let frac_all = n.decode_tps / (bw_all / n.bytes_per_token.max(1) as f64);
+        let frac1 = n.decode_tps / floor(n, bw1);
+        let frac_all = n.decode_tps / floor(n, bw_all);
         let _ = writeln!(
             s,
             "- SmolLM2 NF4 decode ≥ 60% of the bandwidth floor (the issue's: one-thread bandwidth): {:.0}%: {} \
@@ -409,8 +414,8 @@ fn render(
     for prefix in ["random"] {
         if let (Some(n), Some(f)) = (find(rows, prefix, "nibble nf4"), find(rows, prefix, "nibble f32")) {
             let r = n.prefill_tps / f.prefill_tps;
-            let frac1 = n.decode_tps / (bw1 / n.bytes_per_token.max(1) as f64);
-            let frac_all = n.decode_tps / (bw_all / n.bytes_per_token.max(1) as f64);
+            let frac1 = n.decode_tps / floor(n, bw1);
+            let frac_all = n.decode_tps / floor(n, bw_all);
             let _ = writeln!(
                 s,
                 "- (1B, for reference) NF4 prefill {:.2}× f32; NF4 decode {:.0}% of its floor (one thread), {:.0}% (all threads).",
