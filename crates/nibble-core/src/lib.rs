@@ -205,6 +205,14 @@ pub enum Error {
         phase: OomPhase,
     },
 
+    /// A memory size computed from the config and the request does not fit in 64 bits: a dimension,
+    /// `max_seq_len` or `batch` is far beyond anything a machine holds.
+    #[error("the size of {what} overflows 64 bits; lower max_seq_len or batch, or check config.json's dimensions")]
+    SizeOverflow {
+        /// The quantity whose size overflowed (`KV cache per layer`, `device cuda:0 total`).
+        what: String,
+    },
+
     /// A GPU's compute capability is below what the kernels or the compute dtype need.
     #[error("{device} has compute capability {found}, {required} is needed for {hint}")]
     CapabilityMismatch {
