@@ -1,8 +1,14 @@
 //! Memory needed by a model, from its config alone: no weight byte is read.
 //!
-//! Exact for nibble's own storage (the same arithmetic as each layer's `resident_bytes`), plus the
-//! KV cache and a reserve for activations and workspace; `docs/device-map.md` states every term.
+//! Sized as the loader holds the model under transformers' `from_pretrained(dtype=...)` semantics:
+//! the model dtype D governs everything that is not quantized (embedding, norms, biases, skipped or
+//! unquantized linears, the KV cache, activations); the 4-bit compute dtype C only the 4-bit
+//! products. Exact for nibble's own storage, plus the KV cache and an upper-bound reserve for
+//! activations and workspace; `docs/device-map.md` states every term. Every product and sum is
+//! checked: a size beyond 64 bits is `Error::SizeOverflow`, never a wrapped number that "fits".
 
+use candle_core::DType;
+use nibble_core::{Error, Result};
 use nibble_load::LlamaConfig;
 use nibble_quant::{BitsAndBytesConfig, QuantMethod};
 
@@ -10,30 +16,63 @@ use nibble_quant::{BitsAndBytesConfig, QuantMethod};
 /// activation reserve does not grow with the prompt.
 pub const PREFILL_CHUNK: usize = 512;
 
-/// Bytes per element of a dtype name (`float32`, `bfloat16`, ...), 4 when unknown.
-fn dtype_bytes(name: Option<&str>) -> u64 {
-    match name.map(|s| s.trim_start_matches("torch.")) {
-        Some("float16") | Some("bfloat16") | Some("half") => 2,
-        _ => 4,
+/// transformers' `dtype="auto"`: the dtype config.json names (`dtype`, or the older `torch_dtype`):
+/// `float32` → F32, `bfloat16` → BF16, `float16`/`half` → F16, with or without a `torch.` prefix.
+/// Absent or anything else → F32, which is what transformers loads when the config names none.
+pub fn auto_dtype(cfg: &LlamaConfig) -> DType {
+    match cfg.dtype.as_deref().map(|s| s.trim().trim_start_matches("torch.")) {
+        Some("bfloat16") => DType::BF16,
+        Some("float16") | Some("half") => DType::F16,
+        _ => DType::F32,
     }
 }
 
-/// Resident bytes of one `[out, in]` linear stored as `method`.
-pub fn linear_bytes(out: u64, inp: u64, method: QuantMethod, quant: &BitsAndBytesConfig, compute_bytes: u64) -> u64 {
-    let n = out * inp;
+fn overflow(what: &str) -> Error {
+    Error::SizeOverflow { what: what.to_string() }
+}
+
+/// The product of `factors`, or `Error::SizeOverflow` naming `what`.
+pub(crate) fn product(what: &str, factors: &[u64]) -> Result<u64> {
+    factors.iter().try_fold(1u64, |acc, &f| acc.checked_mul(f)).ok_or_else(|| overflow(what))
+}
+
+/// The sum of `terms`, or `Error::SizeOverflow` naming `what`.
+pub(crate) fn total(what: &str, terms: &[u64]) -> Result<u64> {
+    terms.iter().try_fold(0u64, |acc, &t| acc.checked_add(t)).ok_or_else(|| overflow(what))
+}
+
+/// Resident bytes of one `[out, in]` linear's weight stored as `method`; `dense_bytes` is the
+/// element size of an unquantized weight (the model dtype D).
+pub fn linear_bytes(out: u64, inp: u64, method: QuantMethod, quant: &BitsAndBytesConfig, dense_bytes: u64) -> Result<u64> {
+    let what = "a linear weight";
+    let n = product(what, &[out, inp])?;
     match method {
-        QuantMethod::None => n * compute_bytes,
+        QuantMethod::None => product(what, &[n, dense_bytes]),
         QuantMethod::FourBit(_) => {
-            let blocks = n.div_ceil(quant.bnb_4bit_blocksize as u64);
+            // validate() keeps the block size in 32..=4096; a hand-built config may not have run it.
+            let blocksize = quant.bnb_4bit_blocksize as u64;
+            if blocksize == 0 {
+                return Err(Error::quant_config("bnb_4bit_blocksize", "must be a power of two from 32 to 4096"));
+            }
+            let blocks = n.div_ceil(blocksize);
             let absmax = if quant.bnb_4bit_use_double_quant {
                 // u8 code per block, f32 nested absmax per 256 blocks, one f32 offset.
-                blocks + 4 * blocks.div_ceil(256) + 4
+                total(what, &[blocks, product(what, &[4, blocks.div_ceil(256)])?, 4])?
             } else {
-                4 * blocks
+                product(what, &[4, blocks])?
             };
-            n.div_ceil(2) + absmax
+            total(what, &[n.div_ceil(2), absmax])
         }
-        QuantMethod::Int8 => n + 4 * out,
+        QuantMethod::Int8 => total(what, &[n, product(what, &[4, out])?]),
+    }
+}
+
+/// Bytes of a linear's bias (`out` elements in the model dtype), when the architecture has one.
+pub fn bias_bytes(out: u64, has_bias: bool, dense_bytes: u64) -> Result<u64> {
+    if has_bias {
+        product("a linear bias", &[out, dense_bytes])
+    } else {
+        Ok(0)
     }
 }
 
@@ -42,16 +81,23 @@ pub fn linear_bytes(out: u64, inp: u64, method: QuantMethod, quant: &BitsAndByte
 pub struct Estimate {
     /// `model.embed_tokens`.
     pub embed: u64,
-    /// Each `model.layers.N`: seven linears and two norms.
+    /// Each `model.layers.N`: seven linears (with their biases) and two norms.
     pub layers: Vec<u64>,
-    /// `model.norm` plus `lm_head`.
+    /// `model.norm` plus `lm_head`'s own storage (none for a tied, unquantized lm_head: it shares
+    /// the embedding's).
     pub head: u64,
+    /// A tied, unquantized lm_head shares the embedding's storage only on the embedding's device:
+    /// these are the bytes of the copy the head's device holds when it is another one; 0 when the
+    /// head is not such a shared matrix.
+    pub tied_head_copy: u64,
     /// KV cache of one layer for `max_seq_len` × `batch`.
     pub kv_per_layer: u64,
     /// Activation and workspace reserve of a device that runs decoder layers.
     pub layer_reserve: u64,
     /// Extra reserve of the device that runs the head (the logits).
     pub head_reserve: u64,
+    /// The model dtype D everything unquantized is sized in.
+    pub dtype: DType,
     /// The context length planned for.
     pub max_seq_len: usize,
     /// The batch size planned for.
@@ -59,64 +105,147 @@ pub struct Estimate {
 }
 
 impl Estimate {
-    /// Computes every term for `cfg` quantized as `quant`.
-    pub fn new(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, max_seq_len: usize, batch: usize) -> Self {
-        let cb = quant.bnb_4bit_compute_dtype.dtype().size_in_bytes() as u64;
+    /// Computes every term for `cfg` quantized as `quant`, unquantized parts held in `dtype`.
+    /// `Error::SizeOverflow` when a size does not fit in 64 bits.
+    pub fn new(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, dtype: DType, max_seq_len: usize, batch: usize) -> Result<Self> {
+        let d = dtype.size_in_bytes() as u64;
+        let c = quant.bnb_4bit_compute_dtype.dtype().size_in_bytes() as u64;
         let h = cfg.hidden_size as u64;
         let inter = cfg.intermediate_size as u64;
         let hd = cfg.head_dim as u64;
         let (nh, nkv) = (cfg.num_attention_heads as u64, cfg.num_key_value_heads as u64);
         let vocab = cfg.vocab_size as u64;
+        let q_out = product("q_proj's width", &[nh, hd])?;
+        let kv_out = product("k_proj's width", &[nkv, hd])?;
         let method_of = |name: &str| if quant.skips(name) { QuantMethod::None } else { quant.method() };
+        // (name, out, in, bias): Llama has no biases (the config loader refuses attention_bias and
+        // mlp_bias), the term is there for the architectures that do.
         let shapes = [
-            ("self_attn.q_proj", nh * hd, h),
-            ("self_attn.k_proj", nkv * hd, h),
-            ("self_attn.v_proj", nkv * hd, h),
-            ("self_attn.o_proj", h, nh * hd),
-            ("mlp.gate_proj", inter, h),
-            ("mlp.up_proj", inter, h),
-            ("mlp.down_proj", h, inter),
+            ("self_attn.q_proj", q_out, h, false),
+            ("self_attn.k_proj", kv_out, h, false),
+            ("self_attn.v_proj", kv_out, h, false),
+            ("self_attn.o_proj", h, q_out, false),
+            ("mlp.gate_proj", inter, h, false),
+            ("mlp.up_proj", inter, h, false),
+            ("mlp.down_proj", h, inter, false),
         ];
-        let layers: Vec<u64> = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let linears: u64 = shapes
-                    .iter()
-                    .map(|(n, o, k)| linear_bytes(*o, *k, method_of(&format!("model.layers.{i}.{n}")), quant, cb))
-                    .sum();
-                linears + 2 * h * cb
-            })
-            .collect();
-        let head = h * cb + linear_bytes(vocab, h, method_of("lm_head"), quant, cb);
+        let norms = product("a layer's norms", &[2, h, d])?;
+        let (mut largest_4bit, mut widest_4bit) = (0u64, 0u64);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let mut bytes = norms;
+            for (name, out, inp, bias) in shapes {
+                let method = method_of(&format!("model.layers.{i}.{name}"));
+                if matches!(method, QuantMethod::FourBit(_)) {
+                    largest_4bit = largest_4bit.max(product("a linear weight", &[out, inp])?);
+                    widest_4bit = widest_4bit.max(total("a linear's width", &[out, inp])?);
+                }
+                let w = linear_bytes(out, inp, method, quant, d)?;
+                bytes = total("a decoder layer", &[bytes, w, bias_bytes(out, bias, d)?])?;
+            }
+            layers.push(bytes);
+        }
+
+        let embed = product("the embedding", &[vocab, h, d])?;
+        let head_method = method_of("lm_head");
+        // A tied lm_head left unquantized is the embedding matrix itself; quantized, it is its own.
+        let shared = cfg.tie_word_embeddings && head_method == QuantMethod::None;
+        let lm_head = if shared { 0 } else { linear_bytes(vocab, h, head_method, quant, d)? };
+        let head = total("the head", &[product("model.norm", &[h, d])?, lm_head])?;
+        let tied_head_copy = if shared { embed } else { 0 };
 
         let (b, t_all) = (batch as u64, max_seq_len as u64);
         let t = t_all.min(PREFILL_CHUNK as u64);
-        let kv_per_layer = 2 * b * t_all * nkv * hd * cb;
-        // A 4-bit layer dequantizes its whole weight per call: into the checkpoint dtype, then a
-        // copy in the compute dtype.
-        let largest = shapes.iter().map(|(_, o, k)| o * k).max().unwrap_or(0);
-        let dequant = match quant.method() {
-            QuantMethod::FourBit(_) => largest * (dtype_bytes(cfg.dtype.as_deref()) + cb),
+        let kv_per_layer = product("the KV cache per layer", &[2, b, t_all, nkv, hd, d])?;
+        let what = "the activation reserve";
+        // bitsandbytes dequantizes a 4-bit weight straight into C: an `[out, in]` f32 temporary
+        // and its C result for the largest one; the product runs in C, so the input is cast to C
+        // and the output comes back in C before the cast to D.
+        let dequant = product(what, &[largest_4bit, total(what, &[4, c])?])?;
+        let products_4bit = product(what, &[b, t, widest_4bit, c])?;
+        // One prefill chunk, in D: residual stream and norm output, q/k/v/attention output, the
+        // MLP's gate, up and product; f32 attention scores and probabilities against the whole
+        // context; keys/values repeated to all query heads.
+        let hidden = product(what, &[3, b, t, h, d])?;
+        let qkv = product(what, &[2, b, t, total(what, &[nh, product(what, &[2, nkv])?])?, hd, d])?;
+        let mlp = product(what, &[3, b, t, inter, d])?;
+        let scores = product(what, &[2, b, nh, t, t_all, 4])?;
+        let repeated = product(what, &[2, b, nh, t_all, hd, d])?;
+        let layer_reserve = total(what, &[dequant, products_4bit, hidden, qkv.max(mlp), scores, repeated])?;
+        // Logits of the last position in D, plus their f32 copy for sampling; a 4-bit lm_head
+        // dequantizes like any 4-bit linear.
+        let what = "the head reserve";
+        let logits = product(what, &[b, vocab, total(what, &[4, d])?])?;
+        let head_4bit = match head_method {
+            QuantMethod::FourBit(_) => total(
+                what,
+                &[
+                    product(what, &[vocab, h, total(what, &[4, c])?])?,
+                    product(what, &[b, total(what, &[vocab, h])?, c])?,
+                ],
+            )?,
             _ => 0,
         };
-        // One prefill chunk: residual stream and norm output, q/k/v/attention output, the MLP's
-        // gate, up and product, f32 attention scores and probabilities against the whole context,
-        // and keys/values repeated to all query heads.
-        let hidden = 3 * b * t * h * cb;
-        let qkv = 2 * b * t * (nh + 2 * nkv) * hd * cb;
-        let mlp = 3 * b * t * inter * cb;
-        let scores = 2 * b * nh * t * t_all * 4;
-        let repeated = 2 * b * nh * t_all * hd * cb;
-        let layer_reserve = dequant + hidden + qkv.max(mlp) + scores + repeated;
-        // Logits of the last position in f32, plus their compute-dtype original.
-        let head_reserve = b * vocab * (4 + cb) + match method_of("lm_head") {
-            QuantMethod::FourBit(_) => vocab * h * (dtype_bytes(cfg.dtype.as_deref()) + cb),
-            _ => 0,
-        };
-        Self { embed: vocab * h * cb, layers, head, kv_per_layer, layer_reserve, head_reserve, max_seq_len, batch }
+        let head_reserve = total(what, &[logits, head_4bit])?;
+        let est = Self { embed, layers, head, tied_head_copy, kv_per_layer, layer_reserve, head_reserve, dtype, max_seq_len, batch };
+        // Checked once here so that weight_bytes() cannot overflow.
+        let mut terms = est.layers.clone();
+        terms.extend([est.embed, est.head, est.tied_head_copy]);
+        total("the weights", &terms)?;
+        Ok(est)
     }
 
-    /// Total weight bytes.
+    /// Total weight bytes with the head on the embedding's device (a tied lm_head shares the
+    /// embedding then). `Estimate::new` checked that the sum fits.
     pub fn weight_bytes(&self) -> u64 {
-        self.embed + self.layers.iter().sum::<u64>() + self.head
+        self.layers.iter().fold(self.embed.saturating_add(self.head), |acc, l| acc.saturating_add(*l))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn cfg_with_dtype(dtype: Option<&str>) -> LlamaConfig {
+        let mut v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 256
+        });
+        if let Some(d) = dtype {
+            v["torch_dtype"] = serde_json::json!(d);
+        }
+        LlamaConfig::from_json(&v, Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn auto_dtype_follows_the_config() {
+        let cases = [
+            (Some("float32"), DType::F32),
+            (Some("bfloat16"), DType::BF16),
+            (Some("torch.bfloat16"), DType::BF16),
+            (Some("float16"), DType::F16),
+            (Some("half"), DType::F16),
+            (Some("torch.float16"), DType::F16),
+            (Some("float64"), DType::F32),
+            (None, DType::F32),
+        ];
+        for (name, want) in cases {
+            assert_eq!(auto_dtype(&cfg_with_dtype(name)), want, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn checked_arithmetic_reports_what_overflowed() {
+        assert_eq!(product("x", &[3, 5, 7]).unwrap(), 105);
+        assert_eq!(total("x", &[3, 5, 7]).unwrap(), 15);
+        assert!(matches!(product("kv", &[u64::MAX, 2]), Err(Error::SizeOverflow { ref what }) if what == "kv"));
+        assert!(matches!(total("sum", &[u64::MAX, 1]), Err(Error::SizeOverflow { ref what }) if what == "sum"));
+        let nf4 = BitsAndBytesConfig::nf4();
+        assert!(matches!(linear_bytes(u64::MAX, 2, nf4.method(), &nf4, 2), Err(Error::SizeOverflow { .. })));
+        assert_eq!(bias_bytes(4096, true, 2).unwrap(), 8192);
+        assert_eq!(bias_bytes(4096, false, 2).unwrap(), 0);
     }
 }

@@ -4,7 +4,8 @@
 //!   device, or an explicit module → device map.
 //! - [`Inventory`]: host memory and CUDA devices (queried through the driver at run time in a
 //!   `cuda` build), or a simulated list for tests and `nibble plan --simulate`.
-//! - [`Estimate`]: bytes per module from config.json alone, plus the KV cache and a reserve.
+//! - [`Estimate`]: bytes per module from config.json alone, plus the KV cache and a reserve, in
+//!   the model dtype ([`auto_dtype`] resolves transformers' `auto`).
 //! - [`plan`]: a [`Plan`] that fits every budget, or `Error::OutOfMemory` with a computed hint.
 
 mod cuda_driver;
@@ -15,7 +16,7 @@ pub mod planner;
 pub mod size;
 
 pub use device_map::{DeviceMap, DeviceSpec, LayerPlan};
-pub use estimate::{linear_bytes, Estimate, PREFILL_CHUNK};
+pub use estimate::{auto_dtype, bias_bytes, linear_bytes, Estimate, PREFILL_CHUNK};
 pub use inventory::{CpuInfo, CudaDevice, CudaStatus, Inventory, MIN_CUDA_DRIVER};
 pub use planner::{plan, safety_margin, DeviceUsage, Plan, PlanRequest};
 pub use size::{human, parse_size, MaxMemory};

@@ -1,12 +1,13 @@
 //! Placement: which device each module goes to, checked against each device's budget before any
 //! weight is read.
 
+use candle_core::DType;
 use nibble_core::{Error, OomPhase, Result};
 use nibble_load::LlamaConfig;
 use nibble_quant::{BitsAndBytesConfig, ComputeDtype, QuantMethod};
 
 use crate::device_map::resolve_explicit;
-use crate::estimate::Estimate;
+use crate::estimate::{auto_dtype, product, total, Estimate};
 use crate::inventory::{CudaStatus, Inventory, MIN_CUDA_DRIVER};
 use crate::size::{human, MaxMemory};
 use crate::{DeviceMap, DeviceSpec, LayerPlan};
@@ -29,11 +30,15 @@ pub struct PlanRequest {
     pub batch: usize,
     /// Put layers that fit no GPU on the CPU (on by default, with a warning).
     pub allow_cpu_offload: bool,
+    /// The model dtype D (resolved: transformers' `auto` is [`auto_dtype`]): everything not
+    /// quantized is held, and sized, in it.
+    pub dtype: DType,
 }
 
 impl PlanRequest {
     /// Defaults for `cfg`: auto placement, inventory budgets, context of
-    /// min(max_position_embeddings, 4096), batch 1, CPU offload allowed.
+    /// min(max_position_embeddings, 4096), batch 1, CPU offload allowed, the dtype config.json
+    /// names (transformers' `dtype="auto"`).
     pub fn new(cfg: &LlamaConfig) -> Self {
         Self {
             device_map: DeviceMap::Auto,
@@ -41,6 +46,7 @@ impl PlanRequest {
             max_seq_len: cfg.max_position_embeddings.min(4096),
             batch: 1,
             allow_cpu_offload: true,
+            dtype: auto_dtype(cfg),
         }
     }
 }
@@ -63,9 +69,9 @@ pub struct DeviceUsage {
 }
 
 impl DeviceUsage {
-    /// Everything planned on the device.
+    /// Everything planned on the device (the planner checked that this sum fits in 64 bits).
     pub fn used(&self) -> u64 {
-        self.weight_bytes + self.kv_bytes + self.reserve_bytes
+        self.weight_bytes.saturating_add(self.kv_bytes).saturating_add(self.reserve_bytes)
     }
 
     /// Budget left after the plan (negative when over).
@@ -120,25 +126,32 @@ fn usage_of(layers: &LayerPlan, est: &Estimate, req: &PlanRequest, inv: &Invento
             reserve_bytes: 0,
             budget: budget(device, req, inv)?,
         };
+        let what = format!("the plan for {device}");
+        let mut weights = Vec::new();
         if layers.embed == device {
-            u.weight_bytes += est.embed;
+            weights.push(est.embed);
             u.modules.push("model.embed_tokens".into());
         }
         let mine: Vec<usize> = (0..layers.layers.len()).filter(|&i| layers.layers[i] == device).collect();
-        for &i in &mine {
-            u.weight_bytes += est.layers.get(i).copied().unwrap_or(0);
-            u.kv_bytes += est.kv_per_layer;
-        }
+        weights.extend(mine.iter().map(|&i| est.layers.get(i).copied().unwrap_or(0)));
+        u.kv_bytes = product(&what, &[mine.len() as u64, est.kv_per_layer])?;
         if !mine.is_empty() {
-            u.reserve_bytes += est.layer_reserve;
+            u.reserve_bytes = est.layer_reserve;
             u.modules.extend(compress(&mine));
         }
         if layers.head == device {
-            u.weight_bytes += est.head;
-            u.reserve_bytes += est.head_reserve;
+            weights.push(est.head);
+            // A tied lm_head shares the embedding's storage only where the embedding is.
+            if layers.embed != device {
+                weights.push(est.tied_head_copy);
+            }
+            u.reserve_bytes = total(&what, &[u.reserve_bytes, est.head_reserve])?;
             u.modules.push("model.norm".into());
             u.modules.push("lm_head".into());
         }
+        u.weight_bytes = total(&what, &weights)?;
+        // Checked here so that used() cannot overflow.
+        total(&what, &[u.weight_bytes, u.kv_bytes, u.reserve_bytes])?;
         out.push(u);
     }
     Ok(out)
@@ -234,30 +247,39 @@ fn layout(gpus: &[usize], counts: &[usize], embed: DeviceSpec, cpu_tail: usize, 
     LayerPlan { embed, layers, head: head.or(last_gpu).unwrap_or(embed) }
 }
 
-/// Fills GPUs in `order` as far as budgets allow; returns the layer counts per GPU and the layers
-/// left over.
+/// Fills GPUs in `order` with at most `cap` layers, as far as budgets allow; with `head_room`,
+/// each GPU keeps room for the head (any of them may turn out to be the last one with layers).
+/// Returns the layer counts per GPU and the layers left over.
 fn sequential_counts(
     order: &[usize],
     embed_gpu: usize,
     est: &Estimate,
     req: &PlanRequest,
     inv: &Inventory,
+    head_room: bool,
+    cap: usize,
 ) -> Result<(Vec<usize>, usize)> {
     let n = est.layers.len();
+    let cap = cap.min(n);
     let mut counts = vec![0usize; order.len()];
     let mut next = 0;
     for (k, &g) in order.iter().enumerate() {
         let dev = DeviceSpec::Cuda(g);
+        let what = format!("the plan for {dev}");
         let mut used = if g == embed_gpu { est.embed } else { 0 };
         let room = budget(dev, req, inv)?;
-        // Keep room for the head on every GPU: any of them may turn out to be the last.
-        let head = est.head + est.head_reserve;
-        while next < n {
-            let add = est.layers[next] + est.kv_per_layer + if counts[k] == 0 { est.layer_reserve } else { 0 };
-            if used + add + head > room {
+        let head = match (head_room, g == embed_gpu) {
+            (false, _) => 0,
+            (true, true) => total(&what, &[est.head, est.head_reserve])?,
+            (true, false) => total(&what, &[est.head, est.head_reserve, est.tied_head_copy])?,
+        };
+        while next < cap {
+            let first = if counts[k] == 0 { est.layer_reserve } else { 0 };
+            let add = total(&what, &[est.layers[next], est.kv_per_layer, first])?;
+            if total(&what, &[used, add, head])? > room {
                 break;
             }
-            used += add;
+            used = total(&what, &[used, add])?;
             counts[k] += 1;
             next += 1;
         }
@@ -289,27 +311,27 @@ fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
             }
         }
     }
-    let est = Estimate::new(cfg, quant, req.max_seq_len, req.batch);
+    let est = Estimate::new(cfg, quant, req.dtype, req.max_seq_len, req.batch)?;
     let n = cfg.num_hidden_layers;
-    let finish = |layers: LayerPlan, offloaded: usize| -> Result<Plan> {
+    let finish = |layers: LayerPlan| -> Result<Plan> {
         check_capability(&layers, quant, inv)?;
         let usage = usage_of(&layers, &est, req, inv)?;
         check_fits(&usage)?;
-        Ok(Plan { layers, usage, estimate: est.clone(), offloaded_layers: offloaded })
+        Ok(Plan { layers, usage, estimate: est.clone(), offloaded_layers: 0 })
     };
     let gpus: Vec<usize> = inv.cuda.iter().map(|g| g.ordinal).collect();
     match &req.device_map {
-        DeviceMap::Cpu => finish(LayerPlan::single(DeviceSpec::Cpu, n), 0),
-        DeviceMap::Device(d) => finish(LayerPlan::single(*d, n), 0),
-        DeviceMap::Explicit(map) => finish(resolve_explicit(map, n)?, 0),
-        _ if gpus.is_empty() => finish(LayerPlan::single(DeviceSpec::Cpu, n), 0),
+        DeviceMap::Cpu => finish(LayerPlan::single(DeviceSpec::Cpu, n)),
+        DeviceMap::Device(d) => finish(LayerPlan::single(*d, n)),
+        DeviceMap::Explicit(map) => finish(resolve_explicit(map, n)?),
+        _ if gpus.is_empty() => finish(LayerPlan::single(DeviceSpec::Cpu, n)),
         strategy => {
             let low0 = matches!(strategy, DeviceMap::BalancedLow0) && gpus.len() > 1;
             let layer_gpus: Vec<usize> = if low0 { gpus[1..].to_vec() } else { gpus.clone() };
             let embed = DeviceSpec::Cuda(gpus[0]);
             let balanced = !matches!(strategy, DeviceMap::Sequential);
             let even = balanced.then(|| layout(&layer_gpus, &balanced_counts(n, layer_gpus.len()), embed, 0, None));
-            match even.map(|l| finish(l, 0)) {
+            match even.map(&finish) {
                 Some(Ok(p)) => Ok(p),
                 _ => {
                     // Fill in order (GPU 0 last for balanced_low_0), then offload what is left.
@@ -317,16 +339,19 @@ fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
                     if low0 {
                         order.push(gpus[0]);
                     }
-                    let (counts, left) = sequential_counts(&order, gpus[0], &est, req, inv)?;
+                    let (counts, left) = sequential_counts(&order, gpus[0], &est, req, inv, true, n)?;
                     if left > 0 && !req.allow_cpu_offload {
                         let l = layout(&order, &counts, embed, left, None);
                         let usage = usage_of(&l, &est, req, inv)?;
                         let worst = usage.iter().rfind(|u| !u.device.is_host()).cloned();
-                        let needed: u64 = est.layers.iter().rev().take(left).sum::<u64>() + left as u64 * est.kv_per_layer;
+                        let what = "the layers that fit no GPU";
+                        let mut spilled: Vec<u64> = est.layers.iter().rev().take(left).copied().collect();
+                        spilled.push(product(what, &[left as u64, est.kv_per_layer])?);
+                        let needed = total(what, &spilled)?;
                         Err(match worst {
                             Some(u) => Error::OutOfMemory {
                                 device: u.device.to_string(),
-                                needed: u.used() + needed,
+                                needed: total(what, &[u.used(), needed])?,
                                 available: u.budget,
                                 hint: String::new(),
                                 max_seq_len_that_fits: None,
@@ -336,7 +361,7 @@ fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
                         })
                     } else {
                         let head = if left > 0 { Some(DeviceSpec::Cpu) } else { None };
-                        finish(layout(&order, &counts, embed, left, head), left)
+                        finish(layout(&order, &counts, embed, left, head)).map(|p| Plan { offloaded_layers: left, ..p })
                     }
                 }
             }
@@ -378,7 +403,11 @@ fn with_hint(e: Error, cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &Plan
         }
     }
     if hints.is_empty() {
-        hints.push(format!("the weights alone need {}; add devices or memory", human(Estimate::new(cfg, quant, 1, 1).weight_bytes())));
+        let weights = Estimate::new(cfg, quant, req.dtype, 1, 1).map(|e| human(e.weight_bytes()));
+        hints.push(match weights {
+            Ok(w) => format!("the weights alone need {w}; add devices or memory"),
+            Err(_) => "add devices or memory".into(),
+        });
     }
     Error::OutOfMemory {
         device,

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use candle_core::DType;
 use nibble_core::{Error, OomPhase};
 use nibble_load::LlamaConfig;
 use nibble_plan::*;
@@ -45,7 +46,7 @@ fn estimate_matches_hand_computed_sizes() {
     let cfg = llama_8b();
     // Per layer: q,o 4096x4096; k,v 1024x4096; gate,up 14336x4096; down 4096x14336 = 218,103,808 weights.
     // NF4: n/2 packed + 4 bytes per 64-block absmax = 0.5625 n = 122,683,392, + 2 bf16 norms (16,384).
-    let nf4 = Estimate::new(&cfg, &bf16(BitsAndBytesConfig::nf4()), 4096, 1);
+    let nf4 = Estimate::new(&cfg, &bf16(BitsAndBytesConfig::nf4()), DType::BF16, 4096, 1).unwrap();
     assert_eq!(nf4.layers[0], 122_699_776);
     // Embedding 128256x4096 bf16; head = final norm (8,192) + dense bf16 lm_head (lm_head is skipped).
     assert_eq!(nf4.embed, 1_050_673_152);
@@ -56,12 +57,12 @@ fn estimate_matches_hand_computed_sizes() {
     // Double quant: per linear n/2 + one u8 per block + 4 bytes per 256 blocks + a 4-byte offset.
     // q_proj: 8,388,608 + 262,144 + 4,096 + 4 = 8,654,852.
     let dq = bf16(BitsAndBytesConfig::nf4().with_double_quant(true));
-    assert_eq!(linear_bytes(4096, 4096, dq.method(), &dq, 2), 8_654_852);
-    assert_eq!(Estimate::new(&cfg, &dq, 4096, 1).layers[0], 112_529_436);
+    assert_eq!(linear_bytes(4096, 4096, dq.method(), &dq, 2).unwrap(), 8_654_852);
+    assert_eq!(Estimate::new(&cfg, &dq, DType::BF16, 4096, 1).unwrap().layers[0], 112_529_436);
     // int8: one byte per weight + an f32 scale per output row (43,008 rows) + norms.
-    assert_eq!(Estimate::new(&cfg, &bf16(BitsAndBytesConfig::int8()), 4096, 1).layers[0], 218_292_224);
+    assert_eq!(Estimate::new(&cfg, &bf16(BitsAndBytesConfig::int8()), DType::BF16, 4096, 1).unwrap().layers[0], 218_292_224);
     // Unquantized bf16: two bytes per weight + norms.
-    assert_eq!(Estimate::new(&cfg, &bf16(BitsAndBytesConfig::none()), 4096, 1).layers[0], 436_224_000);
+    assert_eq!(Estimate::new(&cfg, &bf16(BitsAndBytesConfig::none()), DType::BF16, 4096, 1).unwrap().layers[0], 436_224_000);
 }
 
 fn assert_within_budgets(p: &Plan) {
@@ -185,11 +186,13 @@ fn max_memory_overrides_the_inventory() {
     let cfg = llama_8b();
     let inv = Inventory::simulated(&[24 * GIB, 24 * GIB], 64 * GIB);
     let mut req = request(&cfg, DeviceMap::Sequential, 4096);
-    req.max_memory = MaxMemory::parse("0=3GiB,1=20GiB").unwrap();
+    // 4 GiB on GPU 0 holds the embeddings, room for the head and the ~1 GiB layer reserve (its
+    // f32 dequantization temporary included), and then only a few layers.
+    req.max_memory = MaxMemory::parse("0=4GiB,1=20GiB").unwrap();
     let p = plan(&cfg, &bf16(BitsAndBytesConfig::nf4()), &req, &inv).unwrap();
     let c = layer_counts(&p);
-    assert!(c[0] < c[1], "{c:?}");
-    assert_eq!(p.usage[0].budget, 3 * GIB);
+    assert!(c.len() == 2 && c[0] > 0 && c[0] < c[1], "{c:?}");
+    assert_eq!(p.usage[0].budget, 4 * GIB);
     assert_within_budgets(&p);
 }
 
@@ -235,4 +238,110 @@ fn cpu_only_machine_plans_everything_on_the_cpu() {
         plan(&cfg, &BitsAndBytesConfig::nf4(), &request(&cfg, DeviceMap::Auto, 4096), &tiny_ram),
         Err(Error::OutOfMemory { .. })
     ));
+}
+
+fn smollm2_135m() -> LlamaConfig {
+    let v = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": true
+    });
+    LlamaConfig::from_json(&v, Path::new("SmolLM2-135M/config.json")).unwrap()
+}
+
+fn nf4_double_quant() -> BitsAndBytesConfig {
+    // Compute dtype left at transformers' default (f32).
+    BitsAndBytesConfig::nf4().with_double_quant(true)
+}
+
+#[test]
+fn default_request_resolves_the_dtype_from_the_config() {
+    let req = PlanRequest::new(&llama_70b());
+    assert_eq!((req.dtype, req.max_seq_len, req.batch, &req.device_map), (DType::BF16, 4096, 1, &DeviceMap::Auto));
+    assert_eq!(auto_dtype(&llama_70b()), DType::BF16);
+}
+
+#[test]
+fn llama_70b_nf4_double_quant_fits_two_24gib_gpus_by_default() {
+    // As transformers places it: bf16 (the config's dtype) for everything not quantized, every
+    // module on the GPUs, 40 + 40 layers.
+    let cfg = llama_70b();
+    let inv = Inventory::simulated(&[24 * GIB, 24 * GIB], 64 * GIB);
+    let p = plan(&cfg, &nf4_double_quant(), &PlanRequest::new(&cfg), &inv).unwrap();
+    assert_eq!(p.offloaded_layers, 0);
+    assert_eq!(layer_counts(&p), vec![40, 40]);
+    assert_eq!((p.layers.embed, p.layers.head), (DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)));
+    assert!(p.layers.layers.iter().all(|d| !d.is_host()));
+    assert_within_budgets(&p);
+}
+
+#[test]
+fn a_tied_unquantized_lm_head_shares_the_embedding() {
+    let cfg = smollm2_135m();
+    let nf4 = BitsAndBytesConfig::nf4(); // skips lm_head, as transformers does
+    let est = Estimate::new(&cfg, &nf4, DType::BF16, 2048, 1).unwrap();
+    let embed = 49_152 * 576 * 2;
+    assert_eq!(est.embed, embed);
+    // Only model.norm counts in the head: lm_head is the embedding matrix.
+    assert_eq!(est.head, 576 * 2);
+    assert_eq!(est.tied_head_copy, embed);
+    assert_eq!(est.weight_bytes(), embed + est.layers.iter().sum::<u64>() + 576 * 2);
+    // Planned on one device, the embedding is held once.
+    let one = plan(&cfg, &nf4, &request(&cfg, DeviceMap::Auto, 2048), &Inventory::simulated(&[8 * GIB], 64 * GIB)).unwrap();
+    assert_eq!(one.usage.len(), 1);
+    assert_eq!(one.usage[0].weight_bytes, est.weight_bytes());
+    // With the head on another device, that device holds its own copy of the matrix.
+    let map = DeviceMap::parse("model=cpu,model.norm=cpu:1,lm_head=cpu:1").unwrap();
+    let split = plan(&cfg, &nf4, &request(&cfg, map, 2048), &Inventory::simulated(&[], 64 * GIB)).unwrap();
+    let head_dev = split.usage.iter().find(|u| u.device == DeviceSpec::LogicalCpu(1)).unwrap();
+    assert_eq!(head_dev.weight_bytes, 576 * 2 + embed);
+    // Quantized (the user emptied the skip list), the tied lm_head is its own 4-bit matrix:
+    // 28,311,552 weights → 14,155,776 packed + 4 bytes per 64-block absmax (1,769,472).
+    let quantized_head = nf4.clone().with_skip_modules(Vec::new());
+    let est = Estimate::new(&cfg, &quantized_head, DType::BF16, 2048, 1).unwrap();
+    assert_eq!(est.head, 576 * 2 + 14_155_776 + 1_769_472);
+    assert_eq!(est.tied_head_copy, 0);
+}
+
+#[test]
+fn unquantized_parts_are_sized_in_the_model_dtype() {
+    let cfg = llama_8b();
+    // f32 compute (transformers' default), bf16 model: the skipped lm_head, the embedding and the
+    // norms are bf16, as the loader holds them.
+    let nf4 = BitsAndBytesConfig::nf4();
+    let bf = Estimate::new(&cfg, &nf4, DType::BF16, 4096, 1).unwrap();
+    assert_eq!(bf.embed, 1_050_673_152);
+    assert_eq!(bf.head, 8_192 + 1_050_673_152);
+    assert_eq!(bf.layers[0], 122_699_776);
+    let f32 = Estimate::new(&cfg, &nf4, DType::F32, 4096, 1).unwrap();
+    assert_eq!(f32.head, 2 * bf.head);
+    assert_eq!(f32.embed, 2 * bf.embed);
+    // KV cache in D: 2 x 4096 x 8 x 128 x 2 bytes in bf16, twice that in f32.
+    assert_eq!(bf.kv_per_layer, 16_777_216);
+    assert_eq!(f32.kv_per_layer, 2 * bf.kv_per_layer);
+    // The compute dtype changes only the 4-bit terms of the reserve: per byte of C, the largest
+    // 4-bit weight (14336 x 4096) once and the widest product's input + output (512 x 18432) once.
+    let bf_compute = Estimate::new(&cfg, &bf16(BitsAndBytesConfig::nf4()), DType::BF16, 4096, 1).unwrap();
+    assert_eq!(bf.layer_reserve - bf_compute.layer_reserve, 2 * (14_336 * 4_096 + 512 * 18_432));
+    assert_eq!((bf.embed, bf.head, bf.layers.clone()), (bf_compute.embed, bf_compute.head, bf_compute.layers.clone()));
+    let int8 = |c| Estimate::new(&cfg, &BitsAndBytesConfig::int8().with_compute_dtype(c), DType::BF16, 4096, 1).unwrap();
+    assert_eq!(int8(ComputeDtype::F32), int8(ComputeDtype::Bf16));
+}
+
+#[test]
+fn sizes_beyond_64_bits_are_a_typed_error() {
+    let cfg = llama_8b();
+    let inv = Inventory::simulated(&[24 * GIB, 24 * GIB], 64 * GIB);
+    let nf4 = BitsAndBytesConfig::nf4();
+    let long = request(&cfg, DeviceMap::Auto, usize::MAX);
+    match plan(&cfg, &nf4, &long, &inv) {
+        Err(Error::SizeOverflow { what }) => assert!(what.contains("KV cache"), "{what}"),
+        other => panic!("expected SizeOverflow, got {other:?}"),
+    }
+    let wide = PlanRequest { batch: usize::MAX / 2, ..request(&cfg, DeviceMap::Auto, 4096) };
+    assert!(matches!(plan(&cfg, &nf4, &wide, &inv), Err(Error::SizeOverflow { .. })));
+    assert!(matches!(Estimate::new(&cfg, &nf4, DType::BF16, usize::MAX, 1), Err(Error::SizeOverflow { .. })));
+    let msg = plan(&cfg, &nf4, &long, &inv).unwrap_err().to_string();
+    assert!(msg.contains("overflows 64 bits") && msg.contains("max_seq_len"), "{msg}");
 }
