@@ -339,7 +339,26 @@ fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
                     if low0 {
                         order.push(gpus[0]);
                     }
-                    let (counts, left) = sequential_counts(&order, gpus[0], &est, req, inv, true, n)?;
+                    let fill = |head_room: bool, cap: usize| sequential_counts(&order, gpus[0], &est, req, inv, head_room, cap);
+                    // Everything on the GPUs, each keeping room for the head.
+                    let (counts, left) = fill(true, n)?;
+                    if left == 0 {
+                        if let Ok(p) = finish(layout(&order, &counts, embed, 0, None)) {
+                            return Ok(p);
+                        }
+                    }
+                    // Layers spill: the head follows them to the CPU (accelerate's module order:
+                    // embeddings, layers, norm, lm_head), so the GPUs keep no room for it and
+                    // fill up with layers before any goes to the CPU.
+                    let (mut counts, mut left) = fill(false, n)?;
+                    if left == 0 {
+                        // Every layer fits only without room for the head: the head may still fit
+                        // on the last GPU with layers; if not, one layer goes with it to the CPU.
+                        if let Ok(p) = finish(layout(&order, &counts, embed, 0, None)) {
+                            return Ok(p);
+                        }
+                        (counts, left) = fill(false, n.saturating_sub(1))?;
+                    }
                     if left > 0 && !req.allow_cpu_offload {
                         let l = layout(&order, &counts, embed, left, None);
                         let usage = usage_of(&l, &est, req, inv)?;

@@ -255,6 +255,10 @@ fn nf4_double_quant() -> BitsAndBytesConfig {
     BitsAndBytesConfig::nf4().with_double_quant(true)
 }
 
+fn free_after(p: &Plan, d: DeviceSpec) -> i128 {
+    p.usage.iter().find(|u| u.device == d).map(|u| u.free_after()).unwrap()
+}
+
 #[test]
 fn default_request_resolves_the_dtype_from_the_config() {
     let req = PlanRequest::new(&llama_70b());
@@ -274,6 +278,29 @@ fn llama_70b_nf4_double_quant_fits_two_24gib_gpus_by_default() {
     assert_eq!((p.layers.embed, p.layers.head), (DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)));
     assert!(p.layers.layers.iter().all(|d| !d.is_host()));
     assert_within_budgets(&p);
+}
+
+#[test]
+fn layers_fill_the_gpus_before_spilling_to_the_cpu() {
+    // 70B NF4 + double quant held in f32 needs about 49 GiB: more than two 24 GiB GPUs give.
+    let cfg = llama_70b();
+    let inv = Inventory::simulated(&[24 * GIB, 24 * GIB], 256 * GIB);
+    for map in [DeviceMap::Auto, DeviceMap::Balanced, DeviceMap::Sequential] {
+        let req = PlanRequest { dtype: DType::F32, device_map: map.clone(), ..PlanRequest::new(&cfg) };
+        let p = plan(&cfg, &nf4_double_quant(), &req, &inv).unwrap();
+        assert!(p.offloaded_layers > 0, "{map:?}");
+        assert_within_budgets(&p);
+        // Filled: no GPU has room left for one more layer with its KV cache.
+        let one_layer = i128::from(p.estimate.layers[0] + p.estimate.kv_per_layer);
+        for g in [DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)] {
+            let free = free_after(&p, g);
+            assert!(free < one_layer, "{map:?}: {g} keeps {free} bytes free, a layer needs {one_layer}");
+        }
+        // The head follows the spilled layers to the CPU, which holds only the tail.
+        assert_eq!(p.layers.head, DeviceSpec::Cpu);
+        assert_eq!(p.layers.layers.iter().filter(|d| d.is_host()).count(), p.offloaded_layers);
+        assert_eq!(p.layers.layers[cfg.num_hidden_layers - p.offloaded_layers..], vec![DeviceSpec::Cpu; p.offloaded_layers][..]);
+    }
 }
 
 #[test]
