@@ -97,10 +97,11 @@ pub fn plan(args: &PlanArgs) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
     writeln!(
         out,
-        "{}: {} layers, {:?}, compute {}, context {} x batch {}",
+        "{}: {} layers, {:?}, dtype {}, compute {}, context {} x batch {}",
         cfg.path.display(),
         cfg.num_hidden_layers,
         quant.method(),
+        req.dtype.as_str(),
         quant.bnb_4bit_compute_dtype,
         req.max_seq_len,
         req.batch

@@ -43,6 +43,17 @@ fn plan_prints_a_table_from_config_alone() {
 }
 
 #[test]
+fn plan_refuses_a_size_beyond_64_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    write_8b_config(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let out = nibble(&["plan", d, "--simulate", "24GiB,24GiB", "--max-seq-len", "18446744073709551615"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("KV cache") && err.contains("overflows 64 bits"), "{err}");
+}
+
+#[test]
 fn doctor_reports_this_machine() {
     let out = nibble(&["doctor"]);
     let text = String::from_utf8_lossy(&out.stdout);
