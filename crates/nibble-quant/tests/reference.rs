@@ -14,6 +14,9 @@ use safetensors::{Dtype, SafeTensors};
 
 const QUANT4_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/quant4");
 const INT8_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/int8");
+/// bitsandbytes' quantization of SmolLM2-135M layer-0 weights (`int8.*`: what `Int8Params` stores)
+/// and the checkpoint weights they came from (`input.*`).
+const SMOLLM2_WEIGHTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/smollm2/real-weights.safetensors");
 
 fn cases(dir: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -270,6 +273,54 @@ fn int8_reference_cases() {
         // No threshold means no outlier list at all; a threshold always yields one.
         if (threshold > 0.0) != q.outlier_cols.is_some() {
             errs.push(format!("{name}: outlier_cols presence {:?} for threshold {threshold}", q.outlier_cols));
+        }
+    }
+    assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));
+}
+
+/// Every `int8.<module>` case of the SmolLM2 real-weights fixture: `int8_vectorwise_quant` of the
+/// f16 input, and `Linear8bit::quantize` of the checkpoint weight in f32 and bf16 (what
+/// transformers hands `Int8Params`, which quantizes its f16 copy), give bitsandbytes' codes and
+/// row scales bit for bit. (Computing `127 / absmax` with one rounding instead of torch's
+/// `reciprocal(absmax) * 127` flipped 44 of q_proj's 331,776 codes and 239 of gate_proj's 884,736.)
+#[test]
+fn int8_smollm2_weights_match_int8params() {
+    use candle_core::{DType, Device, Tensor};
+    use nibble_quant::linear::LinearStorage;
+    use nibble_quant::{Linear8bit, QuantLinear};
+    let case = Case::load(Path::new(SMOLLM2_WEIGHTS));
+    let st = case.st();
+    let mut modules: Vec<String> =
+        st.names().iter().filter_map(|n| n.strip_prefix("int8.")?.strip_suffix(".cb").map(str::to_string)).collect();
+    modules.sort();
+    assert_eq!(modules, ["model.layers.0.mlp.gate_proj", "model.layers.0.self_attn.q_proj"]);
+    let mut errs = Vec::new();
+    for m in &modules {
+        let (cb, scb) = (case.i8s(&format!("int8.{m}.cb")), case.f32_bits(&format!("int8.{m}.scb")));
+        let shape = st.tensor(&format!("int8.{m}.input")).unwrap().shape().to_vec();
+        let [rows, cols] = shape[..] else { panic!("{m}: shape {shape:?}") };
+        let input: Vec<f16> =
+            case.u16s(&format!("int8.{m}.input"), Dtype::F16).into_iter().map(f16::from_bits).collect();
+        let q = int8_vectorwise_quant(&input, rows, cols, 0.0).unwrap();
+        let flipped = q.cb.iter().zip(&cb).filter(|(a, b)| a != b).count();
+        if flipped != 0 {
+            errs.push(format!("{m} (f16 input): {flipped} codes differ"));
+        }
+        if bits(&q.scb) != scb {
+            errs.push(format!("{m} (f16 input): scb differs"));
+        }
+        for (dt, st_dt) in [(DType::F32, Dtype::F32), (DType::BF16, Dtype::BF16)] {
+            let name = format!("input.{m}.{}", if dt == DType::F32 { "float32" } else { "bfloat16" });
+            let w = Tensor::from_raw_buffer(&case.raw(&name, st_dt), dt, &[rows, cols], &Device::Cpu).unwrap();
+            let layer = Linear8bit::quantize(&w, 6.0, dt, &Device::Cpu).unwrap();
+            let LinearStorage::Int8 { cb: got_cb, scb: got_scb } = layer.storage() else { panic!("{m}: not int8") };
+            let flipped = got_cb.iter().zip(&cb).filter(|(a, b)| a != b).count();
+            if got_cb.len() != cb.len() || flipped != 0 {
+                errs.push(format!("{name}: {flipped} codes differ"));
+            }
+            if bits(got_scb) != scb {
+                errs.push(format!("{name}: scb differs"));
+            }
         }
     }
     assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));

@@ -36,7 +36,8 @@ pub struct Int8Quantized {
 /// tensor with a Python float) are outliers: they are left out of their row's absmax, their
 /// columns are reported, and when `rows > 1` those columns are zeroed in `cb` (bnb computes them
 /// in 16-bit instead). Then `scb = max |x|` per row and
-/// `cb = round_half_even(x * (127 / scb))`, all in f32. A row whose every value is zero (or an
+/// `cb = round_half_even(x * ((1 / scb) * 127))`, all in f32 (the factor rounded twice, as torch
+/// computes `127.0 / scb`). A row whose every value is zero (or an
 /// outlier) gets `scb = 0` and codes 0.
 ///
 /// Errors: `input.len() != rows * cols`, `cols == 0`, or a negative or NaN `threshold`.
@@ -99,7 +100,10 @@ pub(crate) fn int8_vectorwise_quant_impl(
                 absmax = f32::NAN;
             }
             *s = absmax;
-            quant::int8_row_encode(isa, row, th, 127.0 / absmax, q);
+            // torch evaluates `127.0 / row_stats` as `row_stats.reciprocal() * 127` (Tensor.__rdiv__),
+            // two f32 roundings; the single-rounding quotient differs in the last bit for some rows
+            // and then flips codes whose scaled value lies within that bit of .5.
+            quant::int8_row_encode(isa, row, th, (1.0 / absmax) * 127.0, q);
         });
 
     if rows > 1 {
