@@ -309,31 +309,42 @@ fn linear4bit_forward_all_activation_dtypes() {
     }
 }
 
-/// The LLM.int8() forward pass as it was written before the SIMD kernel (scalar i32 dot
-/// products), to check the layer still gives the same f16 bits.
-fn int8_forward_scalar(cb: &[i8], scb: &[f32], n_out: usize, n_in: usize, x16: &[f16], rows: usize, threshold: f32) -> Vec<f16> {
+/// The LLM.int8() forward pass written out with scalar i32 dot products, for activations of dtype
+/// D (`round` rounds f32 to D): main product scaled in f32 and rounded to D, outlier columns summed
+/// in f32 by fused multiply-adds against the D-rounded dequantized weight columns, added, and
+/// rounded to D (see `Linear8bit`; checked against bitsandbytes in `tests/int8_layer.rs`).
+#[allow(clippy::too_many_arguments)]
+fn int8_forward_scalar(
+    cb: &[i8],
+    scb: &[f32],
+    n_out: usize,
+    n_in: usize,
+    x: &[f32],
+    rows: usize,
+    threshold: f32,
+    round: fn(f32) -> f32,
+) -> Vec<f32> {
     const INT8_MM_SCALE: f32 = 6.200_124e-5;
     let inv127 = nibble_quant::functional::INV_127;
-    let qa = int8_vectorwise_quant(x16, rows, n_in, threshold).unwrap();
+    let x16: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    let qa = int8_vectorwise_quant(&x16, rows, n_in, threshold).unwrap();
     let cols = qa.outlier_cols.clone().unwrap_or_default();
-    let mut out = vec![f16::ZERO; rows * n_out];
+    let mut out = vec![0.0f32; rows * n_out];
     for r in 0..rows {
         for o in 0..n_out {
             let a = &qa.cb[r * n_in..(r + 1) * n_in];
             let w = &cb[o * n_in..(o + 1) * n_in];
             let acc: i32 = a.iter().zip(w).fold(0i32, |s, (&p, &q)| s.wrapping_add(i32::from(p) * i32::from(q)));
-            let main = f16::from_f32(acc as f32 * (qa.scb[r] * scb[o]) * INT8_MM_SCALE);
+            let main = round(acc as f32 * (qa.scb[r] * scb[o]) * INT8_MM_SCALE);
             out[r * n_out + o] = if cols.is_empty() {
                 main
             } else {
-                let extra: f32 = cols
-                    .iter()
-                    .map(|&c| {
-                        let b = f16::from_f32((f32::from(w[c]) * scb[o]) * inv127).to_f32();
-                        x16[r * n_in + c].to_f32() * b
-                    })
-                    .sum();
-                f16::from_f32(main.to_f32() + extra)
+                let mut extra = 0.0f32;
+                for &c in &cols {
+                    let b = round((f32::from(w[c]) * scb[o]) * inv127);
+                    extra = x[r * n_in + c].mul_add(b, extra);
+                }
+                round(main + extra)
             };
         }
     }
@@ -343,27 +354,37 @@ fn int8_forward_scalar(cb: &[i8], scb: &[f32], n_out: usize, n_in: usize, x16: &
 #[test]
 fn linear8bit_forward_is_unchanged() {
     let mut rng = Rng(9);
+    type Round = fn(f32) -> f32;
+    let rounds: [(DType, Round); 3] = [
+        (DType::F32, |v| v),
+        (DType::BF16, |v| half::bf16::from_f32(v).to_f32()),
+        (DType::F16, |v| f16::from_f32(v).to_f32()),
+    ];
     for (n_out, n_in) in [(40, 576), (17, 33), (64, 100), (5, 1536)] {
         let wv = rng.vec(n_out * n_in, 0.1);
         let weight = tensor_of(&wv, &[n_out, n_in], DType::BF16);
         for threshold in [0.0f32, 6.0] {
-            let layer = Linear8bit::quantize(&weight, threshold, DType::F32, &Device::Cpu).unwrap();
-            let LinearStorage::Int8 { cb, scb } = layer.storage() else { panic!("int8 storage") };
-            for rows in [1usize, 3, 12] {
-                let mut xv = rng.vec(rows * n_in, 3.0);
-                // A few outliers in two columns.
-                xv[n_in / 2] = 9.0;
-                if rows > 1 {
-                    xv[n_in + n_in / 3] = -12.0;
+            for (dt, round) in rounds {
+                let layer = Linear8bit::quantize(&weight, threshold, dt, &Device::Cpu).unwrap();
+                let LinearStorage::Int8 { cb, scb } = layer.storage() else { panic!("int8 storage") };
+                for rows in [1usize, 3, 12] {
+                    let mut xv = rng.vec(rows * n_in, 3.0);
+                    // A few outliers in two columns.
+                    xv[n_in / 2] = 9.0;
+                    if rows > 1 {
+                        xv[n_in + n_in / 3] = -12.0;
+                    }
+                    let xv: Vec<f32> = xv.into_iter().map(round).collect();
+                    let want = int8_forward_scalar(cb, scb, n_out, n_in, &xv, rows, threshold, round);
+                    let x = tensor_of(&xv, &[rows, n_in], dt);
+                    let y = layer.forward(&x).unwrap();
+                    assert_eq!(y.dtype(), dt);
+                    let got: Vec<f32> = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let what = format!("[{n_out}, {n_in}] {dt:?} threshold {threshold} rows {rows}");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "forward {what}");
+                    assert_eq!(bits(&layer.forward_f32(&xv, rows).unwrap()), bits(&want), "forward_f32 {what}");
                 }
-                let x16: Vec<f16> = xv.iter().map(|&v| f16::from_f32(v)).collect();
-                let want = int8_forward_scalar(cb, scb, n_out, n_in, &x16, rows, threshold);
-                let x = Tensor::from_vec(x16.clone(), (rows, n_in), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-                let y = layer.forward(&x).unwrap();
-                let got: Vec<f16> = y.to_dtype(DType::F16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                let (gb, wb): (Vec<u16>, Vec<u16>) =
-                    (got.iter().map(|v| v.to_bits()).collect(), want.iter().map(|v| v.to_bits()).collect());
-                assert_eq!(gb, wb, "[{n_out}, {n_in}] threshold {threshold} rows {rows}");
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The LLM.int8() layer.
 
 use candle_core::{DType, Device, Tensor};
-use half::f16;
+use half::{bf16, f16};
 use nibble_core::{Error, Result};
 
 use super::{check_input, with_values, LinearStorage, QuantLinear};
@@ -13,7 +13,17 @@ const INT8_MM_SCALE: f32 = 6.200_124e-5;
 
 /// An LLM.int8() layer: int8 row-quantized weights; at run time the activations are quantized
 /// row-wise too, except the columns holding outliers (|x| >= threshold), which are multiplied in
-/// 16-bit against the dequantized weight columns, as bitsandbytes' mixed-precision decomposition does.
+/// the activations' own dtype against the dequantized weight columns, as bitsandbytes'
+/// mixed-precision decomposition does.
+///
+/// The results are those of bitsandbytes 0.50.2's CPU `MatMul8bitLt.forward` for activations
+/// `A` of dtype D (f32, bf16 or f16): `A` is quantized from its f16 copy; the int32 product is
+/// scaled in f32 as `(acc * (row_stats * col_stats)) * 6.200124e-05` and rounded to D once; the
+/// outlier columns of the original `A` are multiplied against the weight columns
+/// `int8_vectorwise_dequant(CB[:, cols], SCB).to(D)`, summed in f32 with fused multiply-adds,
+/// added to the rounded main product in f32 and rounded to D once more. That last step is how
+/// torch's CPU `addmm` (oneDNN for bf16/f16, MKL for f32) turned out to compute it for the
+/// SmolLM2 references in `tests/fixtures/int8-layer`: bit-equal there for all three dtypes.
 #[derive(Debug)]
 pub struct Linear8bit {
     cb: Vec<i8>,
@@ -21,27 +31,36 @@ pub struct Linear8bit {
     out_features: usize,
     in_features: usize,
     threshold: f32,
-    compute_dtype: DType,
+    /// The activation dtype D the layer was built for (the model's dtype): what
+    /// [`QuantLinear::forward_f32`] rounds to. [`QuantLinear::forward`] follows its input's dtype.
+    act_dtype: DType,
     device: Device,
 }
 
 impl Linear8bit {
-    /// Quantizes a dense weight `[out, in]` row-wise (bitsandbytes quantizes weights with no
-    /// outlier threshold; the threshold applies to activations).
-    pub fn quantize(weight: &Tensor, threshold: f32, compute_dtype: DType, device: &Device) -> Result<Self> {
+    /// Quantizes a dense weight `[out, in]` row-wise from its f16 copy, as bitsandbytes'
+    /// `Int8Params` does (weights are quantized with no outlier threshold; `threshold` applies to
+    /// activations). `act_dtype` is the activations' dtype D (f32, bf16 or f16).
+    ///
+    /// Errors: `weight` not 2-D, or `act_dtype` not one of f32 / bf16 / f16.
+    pub fn quantize(weight: &Tensor, threshold: f32, act_dtype: DType, device: &Device) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        let q = with_values(weight, |w16: &[f16]| functional::int8_vectorwise_quant(w16, out_features, in_features, 0.0))??;
-        Self::from_parts(q.cb, q.scb, out_features, in_features, threshold, compute_dtype, device.clone())
+        let q =
+            with_values(weight, |w16: &[f16]| functional::int8_vectorwise_quant(w16, out_features, in_features, 0.0))??;
+        Self::from_parts(q.cb, q.scb, out_features, in_features, threshold, act_dtype, device.clone())
     }
 
-    /// Wraps pre-quantized codes and row scales (a bitsandbytes 8-bit checkpoint's `weight` and `SCB`).
+    /// Wraps pre-quantized codes and row scales (a bitsandbytes 8-bit checkpoint's `weight` and
+    /// `SCB`); `act_dtype` as for [`Linear8bit::quantize`].
+    ///
+    /// Errors: sizes that do not match `[out_features, in_features]`, or an unsupported `act_dtype`.
     pub fn from_parts(
         cb: Vec<i8>,
         scb: Vec<f32>,
         out_features: usize,
         in_features: usize,
         threshold: f32,
-        compute_dtype: DType,
+        act_dtype: DType,
         device: Device,
     ) -> Result<Self> {
         if cb.len() != out_features.saturating_mul(in_features) {
@@ -53,42 +72,81 @@ impl Linear8bit {
         if scb.len() != out_features {
             return Err(Error::quant_state("SCB", format!("{} row scales for {out_features} rows", scb.len())));
         }
-        Ok(Self { cb, scb, out_features, in_features, threshold, compute_dtype, device })
+        check_act_dtype(act_dtype)?;
+        Ok(Self { cb, scb, out_features, in_features, threshold, act_dtype, device })
     }
 
-    /// The forward pass on host memory; returns `[rows, out]` as f16 values, as bitsandbytes does.
-    fn forward_host(&self, x16: &[f16], rows: usize) -> Result<Vec<f16>> {
+    /// The activation dtype D the layer was built for.
+    pub fn act_dtype(&self) -> DType {
+        self.act_dtype
+    }
+
+    /// The forward pass on host memory for activations of dtype `dt`: `x` holds `rows` rows of
+    /// D-representable values; returns `[rows, out]` values rounded to `dt`, in f32.
+    fn forward_host(&self, x: &[f32], rows: usize, dt: DType) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         let (n_in, n_out) = (self.in_features, self.out_features);
-        let qa = functional::int8_vectorwise_quant(x16, rows, n_in, self.threshold)?;
-        let cols: Vec<usize> = qa.outlier_cols.clone().unwrap_or_default();
-        // Weight columns holding outliers, dequantized and rounded to f16 as bitsandbytes does.
+        if rows.checked_mul(n_in) != Some(x.len()) {
+            return Err(Error::invalid_argument("x", format!("has {} values, which is not {rows} x {n_in}", x.len())));
+        }
+        let round = rounding(dt)?;
+        // bitsandbytes quantizes `A.to(float16)`; f32 -> f16 of the exact value is that cast.
+        let x16: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let qa = functional::int8_vectorwise_quant(&x16, rows, n_in, self.threshold)?;
+        let cols: Vec<usize> = qa.outlier_cols.unwrap_or_default();
+        // Weight columns holding outliers, dequantized as bitsandbytes' int8_vectorwise_dequant
+        // does (same operation order) and rounded to D (`.to(A.dtype)`).
         let sub_b: Vec<f32> = (0..n_out)
             .flat_map(|o| {
-                let row = &self.cb[o * n_in..(o + 1) * n_in];
-                let s = self.scb[o];
-                // Same operation order as bitsandbytes' int8_vectorwise_dequant.
-                cols.iter().map(move |&c| f16::from_f32((f32::from(row[c]) * s) * functional::INV_127).to_f32())
+                let row = self.cb.get(o * n_in..(o + 1) * n_in).unwrap_or(&[]);
+                let s = self.scb.get(o).copied().unwrap_or(0.0);
+                cols.iter().map(move |&c| round(f32::from(row.get(c).copied().unwrap_or(0)) * s * functional::INV_127))
             })
             .collect();
         // Integer accumulation is exact, so the SIMD kernel's sums equal the scalar definition.
         let acc_all = kernels::int8_matmul_i32(&qa.cb, rows, &self.cb, n_out, n_in)?;
-        let mut out = vec![f16::ZERO; rows * n_out];
-        out.par_chunks_mut(n_out).zip(acc_all.par_chunks(n_out)).enumerate().for_each(|(r, (out_row, acc_row))| {
-            let sa = qa.scb[r];
-            let xa = &x16[r * n_in..(r + 1) * n_in];
-            for (o, (y, &acc)) in out_row.iter_mut().zip(acc_row).enumerate() {
-                let main = f16::from_f32(acc as f32 * (sa * self.scb[o]) * INT8_MM_SCALE);
-                if cols.is_empty() {
-                    *y = main;
-                } else {
-                    let sb = &sub_b[o * cols.len()..(o + 1) * cols.len()];
-                    let extra: f32 = cols.iter().zip(sb).map(|(&c, &b)| xa[c].to_f32() * b).sum();
-                    *y = f16::from_f32(main.to_f32() + extra);
+        let mut out = vec![0.0f32; rows * n_out];
+        out.par_chunks_mut(n_out)
+            .zip(acc_all.par_chunks(n_out))
+            .zip(x.par_chunks(n_in))
+            .zip(qa.scb.par_iter())
+            .for_each(|(((out_row, acc_row), xa), &sa)| {
+                for (o, ((y, &acc), &sb)) in out_row.iter_mut().zip(acc_row).zip(&self.scb).enumerate() {
+                    // int8_mm_dequant: f32, this association, then `.to(A.dtype)`.
+                    let main = round(acc as f32 * (sa * sb) * INT8_MM_SCALE);
+                    *y = if cols.is_empty() {
+                        main
+                    } else {
+                        // addmm: the outlier products summed in f32 (fused multiply-adds, column
+                        // order), added to the main product, one rounding to D.
+                        let sb_cols = sub_b.get(o * cols.len()..(o + 1) * cols.len()).unwrap_or(&[]);
+                        let extra = cols
+                            .iter()
+                            .zip(sb_cols)
+                            .fold(0.0f32, |s, (&c, &b)| xa.get(c).copied().unwrap_or(0.0).mul_add(b, s));
+                        round(main + extra)
+                    };
                 }
-            }
-        });
+            });
         Ok(out)
+    }
+}
+
+/// The activation dtypes bitsandbytes' int8 layer is used with.
+fn check_act_dtype(dt: DType) -> Result<()> {
+    rounding(dt).map(|_| ())
+}
+
+/// Rounding of an f32 value to `dt` (round to nearest even, as torch's `.to(dtype)`), kept in f32.
+fn rounding(dt: DType) -> Result<fn(f32) -> f32> {
+    match dt {
+        DType::F32 => Ok(|v| v),
+        DType::F16 => Ok(|v| f16::from_f32(v).to_f32()),
+        DType::BF16 => Ok(|v| bf16::from_f32(v).to_f32()),
+        other => Err(Error::invalid_argument(
+            "dtype",
+            format!("LLM.int8() activations must be f32, bf16 or f16, not {other:?}"),
+        )),
     }
 }
 
@@ -97,11 +155,17 @@ impl QuantLinear for Linear8bit {
         check_input(x, self.in_features)?;
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x16 = x.to_dtype(DType::F16)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f16>()?;
-        let y = self.forward_host(&x16, rows)?;
+        // bitsandbytes computes in the input's dtype (`A.dtype`); f32 holds its values exactly.
+        let dt = x.dtype();
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let y = self.forward_host(&xs, rows, dt)?;
         let mut out_shape = dims[..dims.len() - 1].to_vec();
         out_shape.push(self.out_features);
-        Ok(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(self.compute_dtype)?.to_device(&self.device)?)
+        // The values are already rounded to `dt`, so this cast is exact.
+        Ok(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(dt)?.to_device(&self.device)?)
+    }
+    fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.forward_host(x, rows, self.act_dtype)
     }
     fn in_features(&self) -> usize {
         self.in_features
@@ -123,4 +187,3 @@ impl QuantLinear for Linear8bit {
         LinearStorage::Int8 { cb: &self.cb, scb: &self.scb }
     }
 }
-
