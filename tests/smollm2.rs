@@ -12,7 +12,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use nibble::{BitsAndBytesConfig, ChatMessage, DeviceMap, GenerateOptions};
+use nibble::{BitsAndBytesConfig, ChatMessage, DeviceMap, GenerateOptions, LoadOptions, Model, ModelDtype};
 
 /// The reference perplexity of the unquantized model (f32 compute).
 const PPL_NONE: f64 = 21.7;
@@ -92,8 +92,11 @@ fn perplexity_table() {
 #[test]
 fn gguf_direct_equals_imported_folder() {
     let (Some(dir), Some(gguf)) = (model_dir(), gguf_file()) else { return };
-    let folder = nibble::from_pretrained(&dir, BitsAndBytesConfig::none(), DeviceMap::Auto).unwrap();
-    let direct = nibble::from_pretrained(gguf.to_str().unwrap(), BitsAndBytesConfig::none(), DeviceMap::Auto).unwrap();
+    // The folder holds bf16 (its `dtype`); a GGUF loads as float32 under `auto`, as in
+    // transformers, so ask for the folder's dtype.
+    let opts = LoadOptions { quant: BitsAndBytesConfig::none(), dtype: ModelDtype::Bf16, ..LoadOptions::default() };
+    let folder = Model::load(&dir, &opts).unwrap();
+    let direct = Model::load(gguf.to_str().unwrap(), &opts).unwrap();
     let text = "The capital of France is Paris. 12345 apples";
     let ids = folder.tokenizer().unwrap().encode(text, true).unwrap();
     assert_eq!(direct.tokenizer().unwrap().encode(text, true).unwrap(), ids);

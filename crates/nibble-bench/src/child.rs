@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor, D};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use nibble::{BitsAndBytesConfig, ComputeDtype, DeviceMap, GenerateOptions, LoadOptions, Model};
+use nibble::{BitsAndBytesConfig, DeviceMap, GenerateOptions, LoadOptions, Model, ModelDtype};
 use nibble_quant::linear::LinearStorage;
 use serde::{Deserialize, Serialize};
 
@@ -58,15 +58,16 @@ pub struct Measured {
     pub checkpoint_bytes: u64,
 }
 
-/// The nibble configuration named `name`.
-pub fn nibble_config(name: &str) -> Result<BitsAndBytesConfig> {
+/// The nibble configuration named `name`: the quantization and the model dtype (the quantized
+/// ones at the default, `auto`; `f32` and `bf16` are the unquantized model in that dtype).
+pub fn nibble_config(name: &str) -> Result<(BitsAndBytesConfig, ModelDtype)> {
     Ok(match name {
-        "nf4" => BitsAndBytesConfig::nf4(),
-        "nf4-dq" => BitsAndBytesConfig::nf4().with_double_quant(true),
-        "fp4" => BitsAndBytesConfig::fp4(),
-        "int8" => BitsAndBytesConfig::int8(),
-        "f32" => BitsAndBytesConfig::none(),
-        "bf16" => BitsAndBytesConfig::none().with_compute_dtype(ComputeDtype::Bf16),
+        "nf4" => (BitsAndBytesConfig::nf4(), ModelDtype::Auto),
+        "nf4-dq" => (BitsAndBytesConfig::nf4().with_double_quant(true), ModelDtype::Auto),
+        "fp4" => (BitsAndBytesConfig::fp4(), ModelDtype::Auto),
+        "int8" => (BitsAndBytesConfig::int8(), ModelDtype::Auto),
+        "f32" => (BitsAndBytesConfig::none(), ModelDtype::F32),
+        "bf16" => (BitsAndBytesConfig::none(), ModelDtype::Bf16),
         other => bail!("unknown nibble configuration {other}"),
     })
 }
@@ -93,9 +94,10 @@ pub fn run(spec: &Spec) -> Result<Measured> {
 }
 
 fn run_nibble(spec: &Spec) -> Result<Measured> {
-    let quant = nibble_config(&spec.config)?;
+    let (quant, dtype) = nibble_config(&spec.config)?;
     let opts = LoadOptions {
         quant,
+        dtype,
         device_map: DeviceMap::Cpu,
         max_seq_len: Some(spec.prefill.max(spec.decode + 8) + 16),
         ..LoadOptions::default()

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use nibble::{BitsAndBytesConfig, ComputeDtype, DeviceMap, GenerateOptions, LoadOptions, Model};
+use nibble::{BitsAndBytesConfig, ComputeDtype, DeviceMap, GenerateOptions, LoadOptions, Model, ModelDtype};
 
 /// The instruct model a later setup step downloads; preferred when present because it gives
 /// readable answers.
@@ -51,6 +51,33 @@ impl From<DtypeArg> for ComputeDtype {
     }
 }
 
+/// transformers' `dtype`: of activations, the KV cache and the weights left unquantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelDtypeArg {
+    /// The checkpoint's dtype (config.json `dtype`/`torch_dtype`, else its tensors'; f32 for GGUF).
+    Auto,
+    /// float32.
+    #[value(alias = "float32", alias = "fp32")]
+    F32,
+    /// float16.
+    #[value(alias = "float16", alias = "fp16")]
+    F16,
+    /// bfloat16.
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<ModelDtypeArg> for ModelDtype {
+    fn from(d: ModelDtypeArg) -> Self {
+        match d {
+            ModelDtypeArg::Auto => Self::Auto,
+            ModelDtypeArg::F32 => Self::F32,
+            ModelDtypeArg::F16 => Self::F16,
+            ModelDtypeArg::Bf16 => Self::Bf16,
+        }
+    }
+}
+
 /// The quantization flags (shared by the commands that load a model and by `plan`).
 #[derive(Debug, Clone, Args)]
 pub struct QuantArgs {
@@ -62,9 +89,14 @@ pub struct QuantArgs {
     #[arg(long)]
     pub double_quant: bool,
 
-    /// Dtype the quantized layers compute in.
+    /// Dtype the 4-bit layers compute in (`bnb_4bit_compute_dtype`).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub compute_dtype: DtypeArg,
+
+    /// Model dtype, as transformers' `from_pretrained(dtype=...)`: activations, KV cache and the
+    /// weights left unquantized (embeddings, norms, lm_head).
+    #[arg(long, value_enum, default_value_t = ModelDtypeArg::Auto)]
+    pub dtype: ModelDtypeArg,
 }
 
 impl QuantArgs {
@@ -177,7 +209,13 @@ impl ModelArgs {
 
     /// Load options, with the quantization progress bar on.
     pub fn load_options(&self) -> LoadOptions {
-        LoadOptions { quant: self.quant_config(), device_map: self.device_map.clone(), progress: true, ..LoadOptions::default() }
+        LoadOptions {
+            quant: self.quant_config(),
+            dtype: self.quant.dtype.into(),
+            device_map: self.device_map.clone(),
+            progress: true,
+            ..LoadOptions::default()
+        }
     }
 
     /// Generation options, validated so that a bad flag fails before the (slow) load.

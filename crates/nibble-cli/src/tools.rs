@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use nibble::{
-    BitsAndBytesConfig, CudaStatus, DeviceMap, Inventory, LlamaConfig, MaxMemory, PlanRequest,
+    BitsAndBytesConfig, CudaStatus, DeviceMap, Inventory, LlamaConfig, MaxMemory, ModelDtype, PlanRequest,
 };
 use nibble_plan::{human, parse_size, safety_margin};
 
@@ -86,6 +86,8 @@ pub fn plan(args: &PlanArgs) -> anyhow::Result<()> {
         None => Inventory::detect(),
     };
     let mut req = PlanRequest::new(&cfg);
+    let auto = || cfg.dtype.as_deref().and_then(ModelDtype::from_hf_name).unwrap_or(nibble::DType::F32);
+    req.dtype = ModelDtype::from(args.quant.dtype).resolve(auto);
     req.device_map = args.device_map.clone();
     req.max_memory = args.max_memory.clone().unwrap_or_default();
     if let Some(n) = args.max_seq_len {

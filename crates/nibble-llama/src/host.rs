@@ -1,4 +1,4 @@
-//! The decode step of a CPU layer computing in f32, on plain host buffers.
+//! The decode step of a CPU layer, on plain host buffers.
 //!
 //! A decode step is one token through every layer: a few hundred small operations per token.
 //! Through candle each is a tensor with its own allocation, dispatch and layout checks, which
@@ -6,13 +6,14 @@
 //! `Vec<f32>`, the linear layers are called through [`QuantLinear::forward_f32`], and the keys
 //! and values live in a growable host buffer that the step appends to instead of copying
 //! ([`HostKv`]). The arithmetic is the candle path's, op for op (RMSNorm, rotate-half RoPE,
-//! scaled dot-product attention with a max-subtracted softmax, SiLU), so both paths agree to
-//! float rounding; prefill (many tokens at once) stays on candle, whose blocked matmuls win
+//! scaled dot-product attention with max-subtracted exponentials, SiLU): f32 values rounded to
+//! the model dtype wherever transformers' op returns a tensor of that dtype, so both paths agree
+//! to float rounding; prefill (many tokens at once) stays on candle, whose blocked matmuls win
 //! there, and shares the same cache.
 
 use candle_core::{Device, Tensor};
 use nibble_core::{Error, Result};
-use nibble_quant::kernels::{dot_f32, for_each_chunk_mut};
+use nibble_quant::kernels::{dot_f32, for_each_chunk_mut, Precision};
 
 use crate::{Layer, Llama};
 
@@ -102,38 +103,55 @@ impl HostKv {
     }
 }
 
-/// `x / sqrt(mean(x^2) + eps) * w` per row of `w.len()` values, as candle's `rms_norm`.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+/// transformers' `LlamaRMSNorm` per row of `w.len()` values: `w * (x * rsqrt(mean(x^2) + eps))`,
+/// the normalized value and the product each rounded to `p`, the model dtype (as the tensor
+/// path's `Llama::rms_norm`).
+fn rms_norm(x: &[f32], w: &[f32], eps: f64, p: Precision) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(w.len().max(1)) {
         let sum2 = dot_f32(row, row);
-        let m = (sum2 / row.len() as f32 + eps).sqrt();
-        out.extend(row.iter().zip(w).map(|(&v, &g)| v / m * g));
+        let inv = 1.0 / (sum2 / row.len() as f32 + eps as f32).sqrt();
+        out.extend(row.iter().zip(w).map(|(&v, &g)| p.round(p.round(v * inv) * g)));
     }
     out
 }
 
-/// Rotate-half RoPE of every `head_dim`-wide head in `x`, in place (candle's `rope`).
-fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+/// Rotate-half RoPE of every `head_dim`-wide head in `x`, in place: `x * cos + rotate_half(x) *
+/// sin` with both products and the sum rounded to `p` (candle's fused `rope` for f32).
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], p: Precision) {
     let half = cos.len();
     for head in x.chunks_exact_mut(2 * half) {
         let (a, b) = head.split_at_mut(half);
         for (((x1, x2), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
             let (u, v) = (*x1, *x2);
-            *x1 = u * c - v * s;
-            *x2 = u * s + v * c;
+            if p == Precision::F32 {
+                *x1 = u * c - v * s;
+                *x2 = u * s + v * c;
+            } else {
+                *x1 = p.round(p.round(u * c) - p.round(v * s));
+                *x2 = p.round(p.round(v * c) + p.round(u * s));
+            }
         }
     }
 }
 
-/// `g <- g / (1 + exp(-g)) * u` (SiLU of the gate times the up projection), as candle's `silu`
-/// then a product, but with an `exp` the compiler vectorizes: libm's `expf` one value at a time
-/// was the costliest loop of a decode step left on one thread. Within a few f32 ulps of the libm
-/// version for finite inputs.
-fn silu_mul(g: &mut [f32], u: &[f32]) {
-    for (g, &u) in g.iter_mut().zip(u) {
-        *g = *g / (1.0 + exp_f32(-*g)) * u;
+/// `g <- silu(g) * u` (SiLU of the gate times the up projection), the SiLU and the product each
+/// rounded to `p`, as candle's `silu` then a product, but with an `exp` the compiler
+/// vectorizes: libm's `expf` one value at a time was the costliest loop of a decode step left
+/// on one thread. Within a few f32 ulps of the libm version for finite inputs.
+fn silu_mul(g: &mut [f32], u: &[f32], p: Precision) {
+    if p == Precision::F32 {
+        for (g, &u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + exp_f32(-*g)) * u;
+        }
+        return;
     }
+    for g in g.iter_mut() {
+        *g = *g / (1.0 + exp_f32(-*g));
+    }
+    p.round_slice(g);
+    g.iter_mut().zip(u).for_each(|(g, &u)| *g *= u);
+    p.round_slice(g);
 }
 
 /// `exp(x)` for f32 in branch-free arithmetic (so loops over it vectorize): `2^n * e^r` with
@@ -162,17 +180,16 @@ fn exp_f32(x: f32) -> f32 {
     er * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
-/// Softmax of `s` in place, max-subtracted (candle's `softmax_last_dim`), with [`exp_f32`].
-fn softmax(s: &mut [f32]) {
+/// The exponentials of a softmax in place, max-subtracted, with [`exp_f32`]; returns their
+/// f32 sum (the flash kernel divides by it after the product with V).
+fn softmax_exp(s: &mut [f32]) -> f32 {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for v in s.iter_mut() {
         *v = exp_f32(*v - max);
         sum += *v;
     }
-    for v in s.iter_mut() {
-        *v /= sum;
-    }
+    sum
 }
 
 /// Attention work (query heads x positions x head_dim) above which heads run in parallel: a few
@@ -182,7 +199,7 @@ const PAR_ATTENTION_MACS: usize = 1 << 13;
 impl Llama {
     /// Whether a layer on `device` runs its decode steps on host buffers.
     pub(crate) fn host_path(&self, device: &Device) -> bool {
-        device.is_cpu() && self.dtype == candle_core::DType::F32
+        device.is_cpu()
     }
 
     /// One token per batch row through `layer`: `x` is `[batch, 1, hidden]` at the position
@@ -196,49 +213,58 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, _, h) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let eps = self.cfg.rms_norm_eps as f32;
+        let eps = self.cfg.rms_norm_eps;
+        let p = self.precision();
         let mut xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
 
-        let hn = rms_norm(&xs, &layer.input_norm.to_vec1::<f32>()?, eps);
+        let hn = rms_norm(&xs, &layer.input_norm_host, eps, p);
         // Each product is split across the kernel team (see `nibble_quant::kernels::for_each_index`),
         // so they run one after another.
         let mut q = layer.attn.q.forward_f32(&hn, b)?;
         let mut k = layer.attn.k.forward_f32(&hn, b)?;
         let v = layer.attn.v.forward_f32(&hn, b)?;
-        rope(&mut q, cos, sin);
-        rope(&mut k, cos, sin);
+        rope(&mut q, cos, sin, p);
+        rope(&mut k, cos, sin, p);
         // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
         kv.append(&k, &v, 1)?;
         let attn = self.attend(&q, kv, b, nh, nkv, hd)?;
         let o = layer.attn.o.forward_f32(&attn, b)?;
         xs.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        p.round_slice(&mut xs);
 
-        let hn = rms_norm(&xs, &layer.post_norm.to_vec1::<f32>()?, eps);
+        let hn = rms_norm(&xs, &layer.post_norm_host, eps, p);
         let gate = layer.mlp.gate.forward_f32(&hn, b)?;
         let up = layer.mlp.up.forward_f32(&hn, b)?;
         let mut act = gate;
-        silu_mul(&mut act, &up);
+        silu_mul(&mut act, &up, p);
         let down = layer.mlp.down.forward_f32(&act, b)?;
         xs.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        p.round_slice(&mut xs);
         Ok(Tensor::from_vec(xs, (b, 1, h), &Device::Cpu)?)
     }
 
     /// Scaled dot-product attention of one query position per batch row (`q` is
     /// `[batch, heads, head_dim]`) over every cached position; returns `[batch, heads * head_dim]`.
+    /// As torch's CPU flash kernel: f32 scores, the max-subtracted exponentials rounded to the
+    /// model dtype for the product with V, accumulated in f32 and divided by the f32 sum of the
+    /// unrounded exponentials at the end, then rounded once.
     fn attend(&self, q: &[f32], kv: &HostKv, b: usize, nh: usize, nkv: usize, hd: usize) -> Result<Vec<f32>> {
         let rep = nh / nkv.max(1);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let t = kv.len();
+        let p = self.precision();
         let head = |i: usize, out: &mut [f32]| {
             let (bi, hi) = (i / nh, i % nh);
             let qh = &q[i * hd..(i + 1) * hd];
             let (keys, values) = kv.head(bi, hi / rep);
             let mut s: Vec<f32> = keys.chunks_exact(hd).map(|kr| dot_f32(qh, kr) * scale).collect();
-            softmax(&mut s);
+            let sum = softmax_exp(&mut s);
+            p.round_slice(&mut s);
             out.fill(0.0);
-            for (p, vr) in s.iter().zip(values.chunks_exact(hd)) {
-                out.iter_mut().zip(vr).for_each(|(o, v)| *o += p * v);
+            for (e, vr) in s.iter().zip(values.chunks_exact(hd)) {
+                out.iter_mut().zip(vr).for_each(|(o, v)| *o += e * v);
             }
+            out.iter_mut().for_each(|o| *o = p.round(*o / sum));
         };
         let mut out = vec![0.0f32; b * nh * hd];
         if q.len() != out.len() {
@@ -274,7 +300,7 @@ mod tests {
         let gs: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.01).collect();
         let us: Vec<f32> = gs.iter().map(|g| 1.0 + g.abs() * 0.5).collect();
         let mut act = gs.clone();
-        silu_mul(&mut act, &us);
+        silu_mul(&mut act, &us, Precision::F32);
         for ((&g, &u), &a) in gs.iter().zip(&us).zip(&act) {
             let want = g / (1.0 + (-g).exp()) * u;
             assert!((a - want).abs() <= 4.0 * f32::EPSILON * want.abs() + 1e-30, "silu({g}) * {u}: {a} vs {want}");

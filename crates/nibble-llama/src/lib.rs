@@ -8,10 +8,11 @@
 mod host;
 mod rope;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use nibble_core::{Error, Result};
 use nibble_load::LlamaConfig;
-use nibble_quant::QuantLinear;
+use nibble_quant::kernels::Precision;
+use nibble_quant::{DenseLinear, QuantLinear};
 
 use host::HostKv;
 
@@ -35,7 +36,7 @@ impl Placement {
     }
 }
 
-/// Supplies the weights the model is built from, in the model's compute dtype.
+/// Supplies the weights the model is built from, in the model dtype (transformers' `dtype`).
 pub trait WeightProvider {
     /// Builds the linear layer `name` (e.g. `model.layers.0.self_attn.q_proj`) of shape
     /// `[out, in]` from the checkpoint tensor `weight_name` (different from `name.weight` only for a
@@ -49,14 +50,13 @@ pub trait WeightProvider {
         device: &Device,
     ) -> Result<Box<dyn QuantLinear>>;
 
-    /// Loads a dense tensor (a norm weight) of `shape` on `device`, in the compute dtype.
+    /// Loads a dense tensor (a norm weight, the token embedding) of `shape` on `device`, in the
+    /// model dtype.
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor>;
 
-    /// Loads the token embedding `[vocab, hidden]`: in the compute dtype, or in a narrower dtype
-    /// that widens to it exactly (the model converts the rows it looks up).
-    fn embedding(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
-        self.tensor(name, shape, device)
-    }
+    /// Whether the linear layer `name` is quantized (a tied `lm_head` that is not shares the
+    /// embedding's storage instead of being loaded again).
+    fn quantizes(&self, name: &str) -> bool;
 }
 
 #[derive(Debug)]
@@ -80,6 +80,9 @@ struct Layer {
     mlp: Mlp,
     input_norm: Tensor,
     post_norm: Tensor,
+    /// The two norm weights widened to f32 once, for the host decode step.
+    input_norm_host: Vec<f32>,
+    post_norm_host: Vec<f32>,
     device: Device,
 }
 
@@ -152,13 +155,18 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Box<dyn QuantLinear>,
+    /// Whether `lm_head` is the embedding's own storage (a tied, unquantized head).
+    head_shared: bool,
     rope: Rope,
     placement: Placement,
+    /// The model dtype: what transformers' `dtype` sets (activations, the KV cache, every
+    /// weight left unquantized).
     dtype: DType,
 }
 
 impl Llama {
-    /// Builds the model, asking `weights` for every tensor; `dtype` is the compute dtype.
+    /// Builds the model, asking `weights` for every tensor; `dtype` is the model dtype
+    /// (transformers' `from_pretrained(dtype=...)`), f32, bf16 or f16.
     pub fn load(cfg: &LlamaConfig, placement: Placement, dtype: DType, weights: &mut dyn WeightProvider) -> Result<Self> {
         if placement.layers.len() != cfg.num_hidden_layers {
             return Err(Error::InvalidDeviceMap {
@@ -171,7 +179,10 @@ impl Llama {
         }
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
-        let embed = weights.embedding("model.embed_tokens.weight", &[cfg.vocab_size, h], &placement.embed)?;
+        if Precision::from_dtype(dtype).is_none() {
+            return Err(Error::invalid_argument("dtype", format!("{dtype:?} is not a model dtype; use f32, bf16 or f16")));
+        }
+        let embed = weights.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h], &placement.embed)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (i, device) in placement.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -192,12 +203,31 @@ impl Llama {
             };
             let input_norm = weights.tensor(&format!("{p}.input_layernorm.weight"), &[h], device)?;
             let post_norm = weights.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], device)?;
-            layers.push(Layer { attn, mlp, input_norm, post_norm, device: device.clone() });
+            let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
+            let (input_norm_host, post_norm_host) = (host(&input_norm)?, host(&post_norm)?);
+            layers.push(Layer { attn, mlp, input_norm, post_norm, input_norm_host, post_norm_host, device: device.clone() });
         }
         let norm = weights.tensor("model.norm.weight", &[h], &placement.head)?;
-        let head_source = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        let lm_head = weights.linear("lm_head", head_source, cfg.vocab_size, h, &placement.head)?;
-        Ok(Self { rope: Rope::new(cfg)?, cfg: cfg.clone(), embed, layers, norm, lm_head, placement, dtype })
+        // A tied head left unquantized is the embedding itself, as in transformers (one tensor,
+        // held once); a quantized one is its own matrix made from the embedding's values.
+        let shared = cfg.tie_word_embeddings && !weights.quantizes("lm_head") && placement.head.same_device(&placement.embed);
+        let lm_head: Box<dyn QuantLinear> = if shared {
+            Box::new(DenseLinear::new(embed.clone(), None)?)
+        } else {
+            let head_source = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+            weights.linear("lm_head", head_source, cfg.vocab_size, h, &placement.head)?
+        };
+        Ok(Self {
+            rope: Rope::new(cfg)?,
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            head_shared: shared,
+            placement,
+            dtype,
+        })
     }
 
     /// The configuration.
@@ -205,9 +235,14 @@ impl Llama {
         &self.cfg
     }
 
-    /// The compute dtype.
+    /// The model dtype (activations, KV cache, unquantized weights).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Whether the head is the embedding's storage (a tied, unquantized `lm_head`).
+    pub fn head_is_shared(&self) -> bool {
+        self.head_shared
     }
 
     /// Where each part lives.
@@ -239,7 +274,8 @@ impl Llama {
                     + t(&l.post_norm)
             })
             .sum();
-        t(&self.embed) + layers + t(&self.norm) + lin(self.lm_head.as_ref())
+        let head = if self.head_shared { 0 } else { lin(self.lm_head.as_ref()) };
+        t(&self.embed) + layers + t(&self.norm) + head
     }
 
     /// Every linear layer with its module name, in checkpoint order (for saving).
@@ -271,8 +307,8 @@ impl Llama {
     }
 
     /// Runs `input_ids` (`[batch, seq]`, u32) at positions `offset..offset+seq`, extending `cache`.
-    /// Returns f32 logits `[batch, seq, vocab]`, or `[batch, 1, vocab]` for the last position only
-    /// when `last_only` (generation needs no more).
+    /// Returns f32 logits `[batch, seq, vocab]` (values of the model dtype), or `[batch, 1, vocab]`
+    /// for the last position only when `last_only` (generation needs no more).
     pub fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
         let prefill = input_ids.dim(1).is_ok_and(|t| t > 1);
         if prefill && rayon::current_thread_index().is_none() {
@@ -303,14 +339,16 @@ impl Llama {
             ));
         }
         let ids = input_ids.to_device(&self.placement.embed)?;
+        // Activations travel as f32 tensors holding values of the model dtype: every op computes
+        // in f32 and rounds to the model dtype where transformers' op returns that dtype.
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(self.dtype)?
+            .to_dtype(DType::F32)?
             .reshape((b, t, self.cfg.hidden_size))?;
         let mask = causal_mask(t, offset)?;
         // The position's rotation, shared by every layer that steps on host buffers.
-        let rot = if t == 1 { self.rope.cos_sin_host(offset) } else { (Vec::new(), Vec::new()) };
+        let rot = if t == 1 { self.rope.cos_sin_host(offset, self.precision()) } else { (Vec::new(), Vec::new()) };
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             // A device running out of memory mid-forward is reported as such, with the device named.
             let on_device = |e: Error| match e {
@@ -332,8 +370,37 @@ impl Llama {
         }
         let x = x.to_device(&self.placement.head)?;
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let x = self.rms_norm(&x.contiguous()?, &self.norm)?;
+        self.linear(self.lm_head.as_ref(), &x)
+    }
+
+    /// The model dtype as the rounding the host code applies.
+    pub(crate) fn precision(&self) -> Precision {
+        Precision::from_dtype(self.dtype).unwrap_or(Precision::F32)
+    }
+
+    /// Rounds an f32 tensor's values to the model dtype, keeping f32 (a no-op for f32 models).
+    fn round(&self, t: Tensor) -> Result<Tensor> {
+        if self.dtype == DType::F32 {
+            return Ok(t);
+        }
+        Ok(t.to_dtype(self.dtype)?.to_dtype(DType::F32)?)
+    }
+
+    /// A linear layer on f32 activations: handed to the layer in the model dtype (exact, the
+    /// values already are), its output widened back.
+    fn linear(&self, l: &dyn QuantLinear, x: &Tensor) -> Result<Tensor> {
+        Ok(l.forward(&x.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
+    }
+
+    /// transformers' `LlamaRMSNorm`: `w * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, in f32 with
+    /// the normalized value and the product each rounded to the model dtype.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (var + eps)?.sqrt()?.recip()?;
+        let n = self.round(x.broadcast_mul(&inv)?)?;
+        self.round(n.broadcast_mul(&w.to_dtype(DType::F32)?)?)
     }
 
     fn layer_forward(
@@ -344,15 +411,28 @@ impl Llama {
         cache: &mut Slot,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &layer.input_norm, eps)?;
+        let h = self.rms_norm(x, &layer.input_norm)?;
         let attn = self.attention(&layer.attn, &h, offset, cache, mask, &layer.device)?;
-        let x = (x + attn)?;
-        let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-        let gate = candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)?;
-        let up = layer.mlp.up.forward(&h)?;
-        let mlp = layer.mlp.down.forward(&(gate * up)?)?;
-        Ok((x + mlp)?)
+        let x = self.round((x + attn)?)?;
+        let h = self.rms_norm(&x, &layer.post_norm)?;
+        let gate = self.round(candle_nn::ops::silu(&self.linear(layer.mlp.gate.as_ref(), &h)?)?)?;
+        let up = self.linear(layer.mlp.up.as_ref(), &h)?;
+        let mlp = self.linear(layer.mlp.down.as_ref(), &self.round((gate * up)?)?)?;
+        self.round((x + mlp)?)
+    }
+
+    /// Rotate-half RoPE as transformers applies it: `q * cos + rotate_half(q) * sin`, with cos and
+    /// sin in the model dtype and each product and the sum rounded to it (f32: candle's fused op).
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.dtype == DType::F32 {
+            return Ok(candle_nn::rotary_emb::rope(x, cos, sin)?);
+        }
+        let half = self.cfg.head_dim / 2;
+        let (cos, sin) = (Tensor::cat(&[cos, cos], D::Minus1)?, Tensor::cat(&[sin, sin], D::Minus1)?);
+        let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+        let a = self.round(x.broadcast_mul(&cos)?)?;
+        let b = self.round(rotated.broadcast_mul(&sin)?)?;
+        self.round((a + b)?)
     }
 
     fn attention(
@@ -366,32 +446,39 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let q = a.q.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = a.k.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = a.v.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let heads = |l: &dyn QuantLinear, n: usize| -> Result<Tensor> {
+            Ok(self.linear(l, x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, k, v) = (heads(a.q.as_ref(), nh)?, heads(a.k.as_ref(), nkv)?, heads(a.v.as_ref(), nkv)?);
         let (cos, sin) = self.rope.cos_sin(offset, t, self.dtype, device)?;
-        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let (cos, sin) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
+        let q = self.rope(&q, &cos, &sin)?;
+        let k = self.rope(&k, &cos, &sin)?;
         let (k, v) = self.extend_cache(cache, k, v, device)?;
         let rep = nh / nkv;
         let k = repeat_kv(&k, rep)?;
         let v = repeat_kv(&v, rep)?;
+        // torch's CPU scaled-dot-product (flash) kernel: f32 scores, max-subtracted exponentials
+        // rounded to the model dtype for the product with V, f32 sums, divided at the end.
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(&m.to_device(device)?)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        a.o.forward(&out)
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let out = self.round(e.clone())?.matmul(&v)?.broadcast_div(&sum)?;
+        let out = self.round(out)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.linear(a.o.as_ref(), &out)
     }
 }
 
 impl Llama {
     /// Appends this step's keys and values (`[batch, kv_heads, t, head_dim]`) to `cache` and
-    /// returns all of them. A CPU layer computing in f32 keeps host buffers, so its later decode
-    /// steps append in place; other layers keep tensors on their device.
+    /// returns all of them. A CPU layer keeps host buffers, so its later decode steps append in
+    /// place; other layers keep tensors on their device.
     fn extend_cache(&self, cache: &mut Slot, k: Tensor, v: Tensor, device: &Device) -> Result<(Tensor, Tensor)> {
         match std::mem::take(cache) {
             Slot::Tensors(pk, pv) => {

@@ -1,5 +1,6 @@
 //! Rotary position embeddings with transformers' frequency rules.
 
+use nibble_quant::kernels::Precision;
 use candle_core::{DType, Device, Tensor};
 use nibble_core::Result;
 use nibble_load::{LlamaConfig, RopeScaling};
@@ -41,10 +42,16 @@ impl Rope {
         Ok(Self { inv_freq: scaled.iter().map(|&f| f as f32).collect() })
     }
 
-    /// cos and sin of position `pos`, `head_dim / 2` values each (the host decode step's).
-    pub(crate) fn cos_sin_host(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
+    /// cos and sin of position `pos`, `head_dim / 2` values each (the host decode step's),
+    /// rounded to the model dtype as transformers casts them.
+    pub(crate) fn cos_sin_host(&self, pos: usize, dtype: Precision) -> (Vec<f32>, Vec<f32>) {
         // The same f32 angle as `cos_sin`.
-        self.inv_freq.iter().map(|&f| (pos as f32 * f).cos()).zip(self.inv_freq.iter().map(|&f| (pos as f32 * f).sin())).unzip()
+        let angle = |f: f32| pos as f32 * f;
+        let (mut cos, mut sin): (Vec<f32>, Vec<f32>) =
+            self.inv_freq.iter().map(|&f| angle(f).cos()).zip(self.inv_freq.iter().map(|&f| angle(f).sin())).unzip();
+        dtype.round_slice(&mut cos);
+        dtype.round_slice(&mut sin);
+        (cos, sin)
     }
 
     /// cos and sin, each `[len, head_dim / 2]` in `dtype`, for positions `start..start + len`.

@@ -141,6 +141,18 @@ impl Weights {
         Ok(RawTensor { path: &shard.path, dtype: info.dtype, shape: &info.shape, data })
     }
 
+    /// The dtype of the first floating-point tensor by name (F32, F16 or BF16): what
+    /// transformers' `dtype="auto"` takes when config.json names none (`get_state_dict_dtype`).
+    pub fn float_dtype(&self) -> Option<DType> {
+        self.names().into_iter().find_map(|n| {
+            let shard = self.shards.get(*self.index.get(n)?)?;
+            match candle_dtype(shard.meta.info(n)?.dtype)? {
+                d @ (DType::F32 | DType::F16 | DType::BF16) => Some(d),
+                _ => None,
+            }
+        })
+    }
+
     /// The shape of `name`, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         let shard = self.shards.get(*self.index.get(name)?)?;

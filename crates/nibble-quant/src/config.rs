@@ -62,6 +62,74 @@ impl std::fmt::Display for ComputeDtype {
     }
 }
 
+/// transformers' `from_pretrained(dtype=...)`: the dtype of everything left unquantized
+/// (embeddings, norms, an `lm_head` the quantization skips, biases), of the activations and the
+/// KV cache, and of what the weights are cast to before they are quantized. Not the 4-bit
+/// products' dtype: that is [`ComputeDtype`] (`bnb_4bit_compute_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ModelDtype {
+    /// transformers 5's default: the checkpoint's dtype (config.json `dtype` / `torch_dtype`,
+    /// else the dtype of its tensors; float32 for a GGUF file, whose tensors transformers
+    /// dequantizes to float32).
+    #[default]
+    Auto,
+    /// float32.
+    F32,
+    /// float16.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl ModelDtype {
+    /// Parses `auto` and the spellings [`ComputeDtype::parse`] takes.
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        match ComputeDtype::parse(s) {
+            Ok(ComputeDtype::F32) => Ok(Self::F32),
+            Ok(ComputeDtype::F16) => Ok(Self::F16),
+            Ok(ComputeDtype::Bf16) => Ok(Self::Bf16),
+            Err(_) => Err(Error::invalid_argument(
+                "dtype",
+                format!("unknown dtype {s:?}; use auto, float32, float16 or bfloat16"),
+            )),
+        }
+    }
+
+    /// The candle dtype, with `auto` resolved by `auto` (called only then).
+    pub fn resolve(self, auto: impl FnOnce() -> candle_core::DType) -> candle_core::DType {
+        match self {
+            Self::Auto => auto(),
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// The float dtype a config.json dtype name stands for (`float32`, `torch.bfloat16`,
+    /// `half`, ...), `None` for anything else.
+    pub fn from_hf_name(name: &str) -> Option<candle_core::DType> {
+        match ComputeDtype::parse(name).ok()? {
+            ComputeDtype::F32 => Some(candle_core::DType::F32),
+            ComputeDtype::F16 => Some(candle_core::DType::F16),
+            ComputeDtype::Bf16 => Some(candle_core::DType::BF16),
+        }
+    }
+}
+
+impl std::fmt::Display for ModelDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::Bf16 => "bfloat16",
+        })
+    }
+}
+
 /// Which weight format a config selects for the linear layers it quantizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantMethod {

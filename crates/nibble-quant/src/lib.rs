@@ -14,6 +14,6 @@ pub mod functional;
 pub mod kernels;
 pub mod linear;
 
-pub use config::{BitsAndBytesConfig, ComputeDtype, QuantMethod};
+pub use config::{BitsAndBytesConfig, ComputeDtype, ModelDtype, QuantMethod};
 pub use functional::QuantType;
-pub use linear::{convert_dtype, dense_storage_dtype, DenseLinear, Linear4bit, Linear8bit, QuantLinear};
+pub use linear::{convert_dtype, DenseLinear, Linear4bit, Linear8bit, QuantLinear};

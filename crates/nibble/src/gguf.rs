@@ -1,11 +1,12 @@
 //! GGUF as a source format: loading a `.gguf` file directly, and importing it to a Hugging Face
 //! folder ([`import_gguf`]).
 //!
-//! Both paths read the weights the same way: dequantized by candle, Q and K un-permuted back to
-//! the Hugging Face layout, and rounded to bf16 (to nearest even). The folder stores those bf16
-//! values; the direct load quantizes them (or keeps them dense) exactly as it would the folder's.
-//! So loading the GGUF and loading the folder imported from it give the same logits, bit for bit,
-//! with any `BitsAndBytesConfig`.
+//! Both paths read the weights the same way: dequantized by candle to f32 and Q and K un-permuted
+//! back to the Hugging Face layout. The folder stores them rounded to bf16 (to nearest even); the
+//! direct load casts them to the model dtype, float32 under `dtype="auto"` as in transformers'
+//! GGUF loader, and quantizes them (or keeps them dense) exactly as it would a folder's. So with
+//! `dtype` bfloat16, loading the GGUF and loading the folder imported from it give the same
+//! logits, bit for bit, with any `BitsAndBytesConfig`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use safetensors::tensor::Dtype;
 use serde_json::{json, Map, Value};
 
 use crate::model::{build_llama, placement};
-use crate::provider::quantize_or_dense;
+use crate::provider::{place, quantize_or_dense, quantizes};
 use crate::save::Owned;
 use crate::source::Source;
 use crate::{LoadOptions, Model};
@@ -31,6 +32,7 @@ use crate::{LoadOptions, Model};
 struct GgufProvider<'a> {
     gguf: &'a GgufFile,
     quant: &'a BitsAndBytesConfig,
+    dtype: candle_core::DType,
     compute: candle_core::DType,
     progress: ProgressBar,
 }
@@ -45,15 +47,18 @@ impl WeightProvider for GgufProvider<'_> {
         device: &Device,
     ) -> Result<Box<dyn QuantLinear>> {
         self.progress.set_message(name.to_string());
-        // bf16 on the host, as the imported folder's safetensors would hand it over.
-        let w = self.gguf.tensor_bf16(weight_name, &[out_features, in_features])?;
-        let layer = quantize_or_dense(name, &w, self.quant, self.compute, device)?;
+        let w = self.gguf.tensor_f32(weight_name, &[out_features, in_features])?;
+        let layer = quantize_or_dense(name, &w, self.quant, self.dtype, self.compute, device)?;
         self.progress.inc(1);
         Ok(layer)
     }
 
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
-        Ok(self.gguf.tensor_bf16(name, shape)?.to_device(device)?.to_dtype(self.compute)?)
+        place(&self.gguf.tensor_f32(name, shape)?, self.dtype, device)
+    }
+
+    fn quantizes(&self, name: &str) -> bool {
+        quantizes(self.quant, name)
     }
 }
 
@@ -73,15 +78,16 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant) -> Result<
     // A GGUF has no bitsandbytes config of its own: the caller's applies as is.
     let quant = opts.quant.clone();
     let compute = quant.bnb_4bit_compute_dtype.dtype();
-    let placement = placement(&cfg, opts)?;
+    let dtype = opts.dtype.resolve(|| candle_core::DType::F32);
+    let placement = placement(&cfg, opts, dtype)?;
     let tok = GgufTokenizer::from_gguf(&gguf)?;
     let tokenizer = tok.text_tokenizer(path)?;
     let generation = generation_config(&tok);
     let mut eos_ids = generation.eos_token_ids.clone();
     eos_ids.dedup();
 
-    let llama = build_llama(&cfg, &quant, placement, opts, &path.display().to_string(), started, |progress| {
-        GgufProvider { gguf: &gguf, quant: &quant, compute, progress }
+    let llama = build_llama(&cfg, &quant, placement, dtype, opts, &path.display().to_string(), started, |progress| {
+        GgufProvider { gguf: &gguf, quant: &quant, dtype, compute, progress }
     })?;
     Ok(Model {
         llama,

@@ -27,6 +27,9 @@ mod source;
 
 use candle_core::Device;
 
+/// candle's dtype, as the model dtype and the compute dtype resolve to.
+pub use candle_core::DType;
+
 pub use generate::{GenerateOptions, Generation, StopReason};
 pub use gguf::import_gguf;
 pub use model::Model;
@@ -36,7 +39,7 @@ pub use nibble_llama::{KvCache, Placement};
 pub use nibble_load::hub::{HubConfig, HubToken, RetryPolicy};
 pub use nibble_load::{ChatMessage, GenerationConfig, LlamaConfig, ModelFiles, RopeScaling};
 pub use nibble_plan::{plan, CudaStatus, DeviceMap, DeviceSpec, Inventory, LayerPlan, MaxMemory, Plan, PlanRequest};
-pub use nibble_quant::{BitsAndBytesConfig, ComputeDtype, QuantMethod, QuantType};
+pub use nibble_quant::{BitsAndBytesConfig, ComputeDtype, ModelDtype, QuantMethod, QuantType};
 
 /// Options of a load beyond the three arguments of [`from_pretrained`].
 #[derive(Debug, Clone, Default)]
@@ -44,6 +47,10 @@ pub struct LoadOptions {
     /// Quantization to apply (ignored, with a warning, when the checkpoint is pre-quantized and
     /// says otherwise).
     pub quant: BitsAndBytesConfig,
+    /// transformers' `dtype`: the dtype of activations, the KV cache and every weight left
+    /// unquantized; `Auto` (the default) is the checkpoint's. The 4-bit products compute in
+    /// `quant.bnb_4bit_compute_dtype` instead.
+    pub dtype: ModelDtype,
     /// Where modules go.
     pub device_map: DeviceMap,
     /// Show a progress bar while quantizing (only drawn on a terminal).

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nibble_core::{Error, Result};
 use nibble_llama::{KvCache, Llama, Placement, WeightProvider};
 use nibble_load::{ChatMessage, GenerationConfig, LlamaConfig, ModelFiles, TextTokenizer, Weights};
-use nibble_quant::BitsAndBytesConfig;
+use nibble_quant::{BitsAndBytesConfig, ModelDtype};
 
 use crate::generate::{GenerateOptions, Generation, StopReason};
 use crate::provider::CheckpointProvider;
@@ -67,6 +67,7 @@ pub(crate) fn build_llama<P: WeightProvider>(
     cfg: &LlamaConfig,
     quant: &BitsAndBytesConfig,
     placement: Placement,
+    dtype: DType,
     opts: &LoadOptions,
     name: &str,
     started: Instant,
@@ -75,10 +76,10 @@ pub(crate) fn build_llama<P: WeightProvider>(
     let linears = 7 * cfg.num_hidden_layers as u64 + 1;
     let bar = progress_bar(linears, opts.progress && quant.is_quantized());
     let mut provider = make(bar.clone());
-    let llama = Llama::load(cfg, placement, quant.bnb_4bit_compute_dtype.dtype(), &mut provider)?;
+    let llama = Llama::load(cfg, placement, dtype, &mut provider)?;
     bar.finish_and_clear();
     tracing::info!(
-        "loaded {name} ({} layers, {:?}) in {:.2}s, {} weight bytes resident",
+        "loaded {name} ({} layers, {:?}, dtype {dtype:?}) in {:.2}s, {} weight bytes resident",
         cfg.num_hidden_layers,
         quant.method(),
         started.elapsed().as_secs_f64(),
@@ -89,10 +90,12 @@ pub(crate) fn build_llama<P: WeightProvider>(
 
 /// Where each part of the model goes: the planner checks every device's budget (weights, KV
 /// cache for `opts.max_seq_len`, reserve) before any weight is read.
-pub(crate) fn placement(cfg: &LlamaConfig, opts: &LoadOptions) -> Result<Placement> {
+pub(crate) fn placement(cfg: &LlamaConfig, opts: &LoadOptions, dtype: DType) -> Result<Placement> {
     let quant = effective_quant(cfg, &opts.quant)?;
     let inventory = opts.inventory.clone().unwrap_or_else(Inventory::detect);
-    let plan = nibble_plan::plan(cfg, &quant, &opts.plan_request(cfg), &inventory)?;
+    let mut request = opts.plan_request(cfg);
+    request.dtype = dtype;
+    let plan = nibble_plan::plan(cfg, &quant, &request, &inventory)?;
     for u in &plan.usage {
         tracing::info!(
             "{}: {} ({} weights, {} KV, {} reserve of {} budget)",
@@ -112,6 +115,14 @@ pub(crate) fn placement(cfg: &LlamaConfig, opts: &LoadOptions) -> Result<Placeme
     })
 }
 
+/// transformers' `dtype` resolution: an explicit dtype as given; `auto` is config.json's `dtype`
+/// (or `torch_dtype`), else the checkpoint tensors' dtype, else float32.
+fn resolve_dtype(requested: ModelDtype, cfg: &LlamaConfig, weights: &Weights) -> DType {
+    requested.resolve(|| {
+        cfg.dtype.as_deref().and_then(ModelDtype::from_hf_name).or_else(|| weights.float_dtype()).unwrap_or(DType::F32)
+    })
+}
+
 impl Model {
     /// Loads a model; see [`crate::from_pretrained`].
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Self> {
@@ -128,8 +139,9 @@ impl Model {
         let cfg = LlamaConfig::from_file(&files.config)?;
         let quant = effective_quant(&cfg, &opts.quant)?;
         let compute = quant.bnb_4bit_compute_dtype.dtype();
-
-        let placement = placement(&cfg, opts)?;
+        let weights = Weights::open(&files.weights)?;
+        let dtype = resolve_dtype(opts.dtype, &cfg, &weights);
+        let placement = placement(&cfg, opts, dtype)?;
 
         let tokenizer = match &files.tokenizer {
             Some(t) => Some(TextTokenizer::from_files(
@@ -150,9 +162,9 @@ impl Model {
         };
         eos_ids.dedup();
 
-        let weights = Weights::open(&files.weights)?;
-        let llama = build_llama(&cfg, &quant, placement, opts, &files.dir.display().to_string(), started, |progress| {
-            CheckpointProvider { weights: &weights, quant: &quant, compute, progress }
+        let name = files.dir.display().to_string();
+        let llama = build_llama(&cfg, &quant, placement, dtype, opts, &name, started, |progress| {
+            CheckpointProvider { weights: &weights, quant: &quant, dtype, compute, progress }
         })?;
         Ok(Self { llama, tokenizer, generation, eos_ids, quant, source: Source::Folder(files) })
     }
@@ -204,6 +216,16 @@ impl Model {
     /// Bytes of weights resident (embeddings, norms, quantized linears with their state).
     pub fn resident_weight_bytes(&self) -> usize {
         self.llama.resident_weight_bytes()
+    }
+
+    /// The model dtype the load resolved (transformers' `dtype`; `auto` is the checkpoint's).
+    pub fn dtype(&self) -> DType {
+        self.llama.dtype()
+    }
+
+    /// Whether a tied `lm_head` is the embedding's own storage (held once, as in transformers).
+    pub fn head_is_shared(&self) -> bool {
+        self.llama.head_is_shared()
     }
 
     /// The underlying decoder (for saving and inspection).

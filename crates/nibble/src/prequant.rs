@@ -75,7 +75,7 @@ pub(crate) fn load_4bit(
     (out_f, in_f): (usize, usize),
     compute: DType,
     device: &Device,
-) -> Result<Box<dyn QuantLinear>> {
+) -> Result<Linear4bit> {
     let state_raw = weights.raw(state_name)?;
     let state: Value = serde_json::from_slice(state_raw.data)
         .map_err(|e| Error::quant_state(state_name, format!("quant_state is not valid JSON: {e}")))?;
@@ -152,7 +152,7 @@ pub(crate) fn load_4bit(
     weights.release(weight);
     weights.release(&absmax_name);
     q.validate().map_err(|e| Error::quant_state(weight, e.to_string()))?;
-    Ok(Box::new(Linear4bit::from_packed(q, out_f, in_f, dtype, compute, device.clone())?))
+    Linear4bit::from_packed(q, out_f, in_f, dtype, compute, device.clone())
 }
 
 /// Reads an LLM.int8() layer stored by bitsandbytes.
@@ -161,7 +161,7 @@ pub(crate) fn load_int8(
     weight: &str,
     (out_f, in_f): (usize, usize),
     threshold: f32,
-    compute: DType,
+    dtype: DType,
     device: &Device,
 ) -> Result<Box<dyn QuantLinear>> {
     weights.check_shape(weight, &[out_f, in_f])?;
@@ -180,5 +180,5 @@ pub(crate) fn load_int8(
     let scb_name = format!("{base}.SCB");
     weights.check_shape(&scb_name, &[out_f])?;
     let scb = f32_values(&weights.raw(&scb_name)?, &scb_name)?;
-    Ok(Box::new(Linear8bit::from_parts(cb, scb, out_f, in_f, threshold, compute, device.clone())?))
+    Ok(Box::new(Linear8bit::from_parts(cb, scb, out_f, in_f, threshold, dtype, device.clone())?))
 }

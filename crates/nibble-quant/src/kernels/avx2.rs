@@ -474,8 +474,10 @@ unsafe fn gemv_row64_impl<const MODE: u8>(w: &Matrix4bit<'_>, xp: &[f32], out: &
         *h = bf16_bits(*q);
     }
     let [lo, hi] = planes2_pair(h);
-    let code_planes = [lo, hi, low4, low4];
-    let factored = two_planes(MODE) && w.blocksize >= 64;
+    // f32 weights (f32 compute) factor with the exact f32 code book, four planes: `s_b * sum
+    // code_i x_i` differs from `sum f32(code_i s_b) x_i` only by f32 rounding, as a reordered sum.
+    let code_planes = if MODE == MODE_F32 { pair_tables::<MODE_F32>(&lq, 1.0, 1.0) } else { [lo, hi, low4, low4] };
+    let factored = (two_planes(MODE) || MODE == MODE_F32) && w.blocksize >= 64;
     for (i, o) in out.iter_mut().enumerate() {
         let start = (row0 + i) * n_in;
         let b0 = start >> bs_shift;
@@ -485,9 +487,9 @@ unsafe fn gemv_row64_impl<const MODE: u8>(w: &Matrix4bit<'_>, xp: &[f32], out: &
         *o = if factored && scales.iter().fold(true, |ok, s| ok & s.is_finite()) {
             if w.blocksize == 64 {
                 // The default block size gets its own copy of the loop: one chunk per block.
-                row64_scaled::<1>(bytes, scales, 1, xp, &code_planes, hi16)
+                row64_scaled::<MODE, 1>(bytes, scales, 1, xp, &code_planes, hi16)
             } else {
-                row64_scaled::<0>(bytes, scales, w.blocksize / 64, xp, &code_planes, hi16)
+                row64_scaled::<MODE, 0>(bytes, scales, w.blocksize / 64, xp, &code_planes, hi16)
             }
         } else {
             if tabs.is_empty() {
@@ -558,9 +560,10 @@ unsafe fn row64_tables<const MODE: u8>(
 /// One row of [`gemv_row64`] with the block scales factored out: per block of `cpb` chunks, two
 /// partial sums of `code * x` (bf16 code book `planes`), then one FMA by the block's scale into
 /// one of two row accumulators. `scales` are the row's blocks; `CPB` is `cpb` when nonzero.
+/// `MODE` is [`MODE_F32`] (four-plane f32 code book) or one ending in bf16 (two planes).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn row64_scaled<const CPB: usize>(
+unsafe fn row64_scaled<const MODE: u8, const CPB: usize>(
     bytes: *const u8,
     scales: &[f32],
     cpb: usize,
@@ -579,8 +582,8 @@ unsafe fn row64_scaled<const CPB: usize>(
         let mut part = [_mm256_setzero_ps(); 2];
         for _ in 0..cpb {
             let (hi, lo) = nibbles64(bytes.add(32 * c));
-            let fh = lookup32::<MODE_BF16>(planes, hi, hi16);
-            let fl = lookup32::<MODE_BF16>(planes, lo, hi16);
+            let fh = lookup32::<MODE>(planes, hi, hi16);
+            let fl = lookup32::<MODE>(planes, lo, hi16);
             // `xp` has n_in = scales.len() * cpb * 64 values: 64 c + 64 <= n_in.
             let xc = xpp.add(64 * c);
             for k in 0..4 {

@@ -15,8 +15,9 @@ pub use int8::Linear8bit;
 
 /// A linear layer `y = x W^T (+ b)` whatever the weight's storage.
 pub trait QuantLinear: std::fmt::Debug + Send + Sync {
-    /// Applies the layer to `x` of shape `[..., in_features]` (compute dtype); returns
-    /// `[..., out_features]` in the same dtype.
+    /// Applies the layer to `x` of shape `[..., in_features]`, in the model dtype (transformers'
+    /// `dtype`: the dtype of activations); returns `[..., out_features]` in that dtype, computed
+    /// as transformers + bitsandbytes compute it (each format documents its roundings).
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// Input width.
     fn in_features(&self) -> usize;
@@ -30,10 +31,11 @@ pub trait QuantLinear: std::fmt::Debug + Send + Sync {
     fn dequantized_weight(&self, dtype: DType) -> Result<Tensor>;
     /// The underlying storage, for saving in the bitsandbytes layout.
     fn storage(&self) -> LinearStorage<'_>;
-    /// [`QuantLinear::forward`] for a layer on the CPU with f32 activations in host memory:
-    /// `rows` rows of `in_features` values in, `rows x out_features` f32 values out. The model's
-    /// decode step calls this a few hundred times per token, so the formats that can skip
-    /// making tensors override it; the results are the same as `forward`'s.
+    /// [`QuantLinear::forward`] on host memory: `rows` rows of `in_features` f32 values in (each
+    /// exactly representable in the model dtype), `rows x out_features` values out, rounded to
+    /// the model dtype as `forward` rounds them. The model's decode step calls this a few
+    /// hundred times per token, so the formats that can skip making tensors override it; the
+    /// results are the same as `forward`'s.
     fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         forward_f32_via_tensor(self, x, rows)
     }
@@ -104,43 +106,50 @@ pub(crate) fn check_input(x: &Tensor, in_features: usize) -> Result<()> {
     Ok(())
 }
 
-/// An unquantized layer: the weight in the compute dtype.
+/// An unquantized layer, as `nn.Linear` under transformers' `from_pretrained(dtype=D)`: weight,
+/// bias, activations and output all in the model dtype `D` (the weight's dtype). Products
+/// accumulate in f32 and the output is rounded to `D` once, bias included, as torch's CPU
+/// kernels do for 16-bit dtypes (oneDNN); for f32 that is plain f32 arithmetic.
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
     weight: Tensor,
     bias: Option<Tensor>,
-    /// The dtype activations and outputs are in; the weight may be stored narrower
-    /// ([`dense_storage_dtype`]).
-    compute: DType,
-}
-
-/// The dtype a dense (unquantized) weight stored as `stored` is kept in when the model computes
-/// in `compute`: a 16-bit weight stays 16-bit under f32 compute, because widening it is exact
-/// (the products are the same whether the weight is widened at load or in the kernel), and it
-/// halves the bytes held and read per token; otherwise the compute dtype. transformers likewise
-/// keeps unquantized modules in the checkpoint's dtype.
-pub fn dense_storage_dtype(stored: DType, compute: DType) -> DType {
-    match (stored, compute) {
-        (DType::BF16 | DType::F16, DType::F32) => stored,
-        _ => compute,
-    }
 }
 
 impl DenseLinear {
-    /// Wraps a weight `[out, in]` (and optional bias `[out]`), already in the compute dtype.
+    /// Wraps a weight `[out, in]` and an optional bias `[out]`, both in the model dtype.
+    ///
+    /// Errors: a weight that is not 2-D, or a bias whose shape is not `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let compute = weight.dtype();
-        Self::with_compute_dtype(weight, bias, compute)
-    }
-
-    /// Wraps a weight `[out, in]` stored in its own dtype (see [`dense_storage_dtype`]) for a
-    /// model computing in `compute`: inputs and outputs are `compute`, the weight is widened
-    /// where it is used.
-    pub fn with_compute_dtype(weight: Tensor, bias: Option<Tensor>, compute: DType) -> Result<Self> {
         if weight.rank() != 2 {
             return Err(Error::invalid_argument("weight", format!("must be 2-D, got {:?}", weight.dims())));
         }
-        Ok(Self { weight, bias, compute })
+        if let Some(b) = &bias {
+            if b.dims() != [weight.dim(0)?] {
+                return Err(Error::invalid_argument(
+                    "bias",
+                    format!("shape {:?} does not match a weight of shape {:?}", b.dims(), weight.dims()),
+                ));
+            }
+        }
+        Ok(Self { weight, bias })
+    }
+
+    /// The weight tensor (for a tied head, the embedding's own storage).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn precision(&self) -> Precision {
+        Precision::from_dtype(self.weight.dtype()).unwrap_or(Precision::F32)
+    }
+
+    /// The bias as f32 values, when there is one.
+    fn bias_f32(&self) -> Result<Option<Vec<f32>>> {
+        Ok(match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1()?),
+            None => None,
+        })
     }
 }
 
@@ -149,53 +158,57 @@ impl DenseLinear {
 const DENSE_GEMV_MAX_ROWS: usize = 3;
 
 impl DenseLinear {
-    /// The decode path on the CPU: [`kernels::matmul_dense`] streams the weight once per row at
-    /// memory speed, widening 16-bit weights in registers. `None` where it does not apply (many
-    /// rows, another device, a non-contiguous or non-float weight).
-    fn forward_gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let dims = x.dims();
-        let lead = &dims[..dims.len().saturating_sub(1)];
-        let rows: usize = lead.iter().product();
-        if rows > DENSE_GEMV_MAX_ROWS || !self.weight.device().is_cpu() || !x.device().is_cpu() {
+    /// The host path: [`kernels::matmul_dense`] streams the weight once per row at memory speed,
+    /// widening 16-bit weights in registers (exact), then the bias and one rounding to the model
+    /// dtype. `None` where it does not apply (many rows, another device, a non-float weight).
+    fn host_gemv(&self, x: &[f32], rows: usize) -> Result<Option<Vec<f32>>> {
+        if rows > DENSE_GEMV_MAX_ROWS || !self.weight.device().is_cpu() {
             return Ok(None);
         }
         let (n_out, n_in) = (self.out_features(), self.in_features());
-        let dtype = self.compute;
-        // Widening to f32 is exact for f16/bf16 activations and weights, so the products are
-        // the ones candle's matmul forms (it accumulates 16-bit products in f32 too).
-        let xf: Vec<f32> = x.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let Some(y) = with_host_values(&self.weight, |w| kernels::matmul_dense(w, n_out, n_in, &xf, rows)) else {
+        let Some(y) = with_host_values(&self.weight, |w| kernels::matmul_dense(w, n_out, n_in, x, rows)) else {
             return Ok(None);
         };
-        let y = y?;
-        let mut out_shape = lead.to_vec();
-        out_shape.push(n_out);
-        Ok(Some(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(dtype)?))
+        let mut y = y?;
+        if let Some(b) = self.bias_f32()? {
+            for row in y.chunks_exact_mut(n_out.max(1)) {
+                row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
+            }
+        }
+        self.precision().round_slice(&mut y);
+        Ok(Some(y))
     }
 }
 
 impl QuantLinear for DenseLinear {
     fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let (n_out, n_in) = (self.out_features(), self.in_features());
-        // f32 compute: f32 activations as they are, the weight widened exactly in the kernel.
-        if rows <= DENSE_GEMV_MAX_ROWS && self.bias.is_none() && self.compute == DType::F32 {
-            if let Some(y) = with_host_values(&self.weight, |w| kernels::matmul_dense(w, n_out, n_in, x, rows)) {
-                return y;
-            }
+        match self.host_gemv(x, rows)? {
+            Some(y) => Ok(y),
+            None => forward_f32_via_tensor(self, x, rows),
         }
-        forward_f32_via_tensor(self, x, rows)
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.in_features())?;
-        let y = match self.forward_gemv(x)? {
-            Some(y) => y,
-            // Widened per call: a 16-bit weight under f32 compute (many rows: prefill, logits).
-            None => matmul_t(x, &self.weight.to_dtype(self.compute)?)?,
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+        let dtype = self.weight.dtype();
+        let dims = x.dims();
+        let lead = &dims[..dims.len().saturating_sub(1)];
+        let rows: usize = lead.iter().product();
+        if x.device().is_cpu() {
+            // Widening 16-bit activations to f32 is exact.
+            let xf: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            if let Some(y) = self.host_gemv(&xf, rows)? {
+                let mut out_shape = lead.to_vec();
+                out_shape.push(self.out_features());
+                return Ok(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(dtype)?);
+            }
+        }
+        // f32 products of the widened weight (per call: prefill and logits), bias, one rounding.
+        let y = matmul_t(&x.to_dtype(DType::F32)?, &convert_dtype(&self.weight, DType::F32)?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
             None => y,
-        })
+        };
+        Ok(y.to_dtype(dtype)?)
     }
     fn in_features(&self) -> usize {
         self.weight.dims().get(1).copied().unwrap_or(0)
@@ -283,10 +296,13 @@ pub fn convert_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// A 4-bit (NF4/FP4) layer in the bitsandbytes format.
 ///
-/// bitsandbytes' CPU forward pass dequantizes the weight into the dtype it was quantized from,
-/// casts it to the compute dtype and multiplies. On the CPU this layer computes the same weight
-/// values inside the fused [`kernels`] without materializing the weight; on other devices it
-/// dequantizes and lets candle multiply.
+/// bitsandbytes 0.50.2's CPU forward pass (`Linear4bit.forward` → `matmul_4bit` → `gemm_4bit`)
+/// casts the activations to the compute dtype `C` (`bnb_4bit_compute_dtype`), dequantizes the
+/// weight straight into `C` (`code * absmax` in f32, one rounding to `C`: the dtype the weight was
+/// quantized from, `quant_state.dtype`, plays no part), multiplies in `C` and casts the output
+/// back to the activations' dtype (the model dtype `D`). On the CPU this layer computes the same
+/// weight values inside the fused [`kernels`] without materializing the weight; on other devices
+/// it dequantizes and lets candle multiply.
 #[derive(Debug)]
 pub struct Linear4bit {
     q: Packed4bit,
@@ -297,6 +313,8 @@ pub struct Linear4bit {
     /// The dtype of the original weight (bitsandbytes' `quant_state.dtype`).
     weight_dtype: DType,
     compute_dtype: DType,
+    /// The model dtype: activations come in and go out in it.
+    act_dtype: DType,
     device: Device,
 }
 
@@ -355,7 +373,15 @@ impl Linear4bit {
         }
         q.validate()?;
         let absmax = q.absmax.try_to_f32()?;
-        Ok(Self { q, absmax, out_features, in_features, weight_dtype, compute_dtype, device })
+        let act_dtype = compute_dtype;
+        Ok(Self { q, absmax, out_features, in_features, weight_dtype, compute_dtype, act_dtype, device })
+    }
+
+    /// The model dtype the layer takes activations in and returns them in (transformers'
+    /// `dtype`); by default the compute dtype.
+    pub fn with_act_dtype(mut self, act_dtype: DType) -> Self {
+        self.act_dtype = act_dtype;
+        self
     }
 
     /// The packed data.
@@ -369,8 +395,9 @@ impl Linear4bit {
         Ok(Tensor::from_vec(out, (self.out_features, self.in_features), &Device::Cpu)?)
     }
 
-    fn dequant(&self) -> Result<Tensor> {
-        match self.weight_dtype {
+    /// The weight dequantized into `dtype` (one rounding of `code * absmax`).
+    fn dequant_into(&self, dtype: DType) -> Result<Tensor> {
+        match dtype {
             DType::F16 => self.dequant_as::<f16>(),
             DType::BF16 => self.dequant_as::<bf16>(),
             _ => self.dequant_as::<f32>(),
@@ -379,14 +406,27 @@ impl Linear4bit {
 }
 
 impl Linear4bit {
-    /// The roundings bitsandbytes applies to each weight (`dequantize_4bit` into the weight
-    /// dtype, then `.to(compute_dtype)`), or `None` for a compute dtype the fused kernels do not
-    /// produce (then the layer dequantizes and lets candle multiply).
+    /// The rounding bitsandbytes applies to each weight (`dequantize_4bit` straight into the
+    /// compute dtype), or `None` for a compute dtype the fused kernels do not produce (then the
+    /// layer dequantizes and lets candle multiply).
     fn rounding(&self) -> Option<Rounding> {
-        Some(Rounding {
-            weight: Precision::from_dtype(self.weight_dtype)?,
-            compute: Precision::from_dtype(self.compute_dtype)?,
-        })
+        Some(Rounding { weight: Precision::F32, compute: Precision::from_dtype(self.compute_dtype)? })
+    }
+
+    /// The fused product on host values: activations rounded to the compute dtype, f32
+    /// accumulation, the output rounded to the compute dtype and then to the model dtype.
+    fn host_product(&self, x: &[f32], rows: usize, rounding: Rounding) -> Result<Vec<f32>> {
+        let m = self.matrix(rounding)?;
+        let mut y = if rounding.compute == Precision::F32 {
+            kernels::matmul_4bit(&m, x, rows)?
+        } else {
+            let mut xc = x.to_vec();
+            rounding.compute.round_slice(&mut xc);
+            kernels::matmul_4bit(&m, &xc, rows)?
+        };
+        rounding.compute.round_slice(&mut y);
+        Precision::from_dtype(self.act_dtype).unwrap_or(Precision::F32).round_slice(&mut y);
+        Ok(y)
     }
 
     /// The packed weight as the fused kernels read it, with the roundings `rounding`.
@@ -402,30 +442,23 @@ impl Linear4bit {
         )
     }
 
-    /// The CPU forward pass: the fused kernels read the packed weight directly. Activations are
-    /// cast to the compute dtype (as bnb does) and widened to f32 once; products accumulate in
-    /// f32 and the output is rounded once to the compute dtype.
+    /// The CPU forward pass: the fused kernels read the packed weight directly
+    /// ([`Linear4bit::host_product`]); f32 activations are read in place.
     fn forward_fused(&self, x: &Tensor, rounding: Rounding) -> Result<Tensor> {
         let dims = x.dims();
         let lead = &dims[..dims.len().saturating_sub(1)];
         let rows: usize = lead.iter().product();
-        let xc = x.to_dtype(self.compute_dtype)?;
-        let m = self.matrix(rounding)?;
-        // f32 activations are read in place; f16/bf16 ones are widened (exactly) once.
-        let y = with_values(&xc, |xf: &[f32]| kernels::matmul_4bit(&m, xf, rows))??;
+        let y = with_values(x, |xf: &[f32]| self.host_product(xf, rows, rounding))??;
         let mut out_shape = lead.to_vec();
         out_shape.push(self.out_features);
-        Ok(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(self.compute_dtype)?)
+        Ok(Tensor::from_vec(y, out_shape, &Device::Cpu)?.to_dtype(self.act_dtype)?)
     }
 }
 
 impl QuantLinear for Linear4bit {
     fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         match self.rounding() {
-            // f32 compute: `forward_fused` reads f32 activations as they are and returns f32.
-            Some(r) if self.device.is_cpu() && self.compute_dtype == DType::F32 => {
-                kernels::matmul_4bit(&self.matrix(r)?, x, rows)
-            }
+            Some(r) if self.device.is_cpu() => self.host_product(x, rows, r),
             _ => forward_f32_via_tensor(self, x, rows),
         }
     }
@@ -434,8 +467,8 @@ impl QuantLinear for Linear4bit {
         match self.rounding() {
             Some(r) if self.device.is_cpu() && x.device().is_cpu() => self.forward_fused(x, r),
             _ => {
-                let w = self.dequant()?.to_dtype(self.compute_dtype)?.to_device(&self.device)?;
-                matmul_t(x, &w)
+                let w = self.dequant_into(self.compute_dtype)?.to_device(&self.device)?;
+                Ok(matmul_t(&x.to_dtype(self.compute_dtype)?, &w)?.to_dtype(self.act_dtype)?)
             }
         }
     }
@@ -459,7 +492,8 @@ impl QuantLinear for Linear4bit {
         }
     }
     fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
-        Ok(self.dequant()?.to_dtype(dtype)?)
+        // bitsandbytes' `dequantize_4bit(W, quant_state)`: into `quant_state.dtype`.
+        Ok(self.dequant_into(self.weight_dtype)?.to_dtype(dtype)?)
     }
     fn storage(&self) -> LinearStorage<'_> {
         LinearStorage::FourBit(&self.q, self.weight_dtype)
