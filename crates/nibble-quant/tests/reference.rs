@@ -325,3 +325,92 @@ fn int8_smollm2_weights_match_int8params() {
     }
     assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));
 }
+
+/// Every `q4.*` case of the SmolLM2 real-weights fixture (layer-0 `q_proj` and `gate_proj`, cast
+/// to f32 and bf16 as transformers casts them, NF4 and FP4, with and without double quant, block
+/// size 64): `quantize_4bit` gives bitsandbytes 0.50.2's packed codes and absmax bit for bit, and
+/// with double quant its absmax codes, nested absmax and offset (all compared as f32 bits, no
+/// tolerance).
+#[test]
+fn quant4_smollm2_weights_match_quantize_4bit() {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        case: String,
+        input: Option<String>,
+        dtype: String,
+        quant_type: Option<String>,
+        double_quant: Option<bool>,
+        blocksize: Option<usize>,
+        shape: Vec<usize>,
+    }
+    let case = Case::load(Path::new(SMOLLM2_WEIGHTS));
+    let index: Vec<Entry> = serde_json::from_str(case.meta("index")).unwrap();
+    let st = case.st();
+    let mut errs = Vec::new();
+    let mut seen = Vec::new();
+    for e in index.iter().filter(|e| e.case.starts_with("q4.")) {
+        let name = &e.case;
+        let quant_type = match e.quant_type.as_deref() {
+            Some("nf4") => QuantType::Nf4,
+            Some("fp4") => QuantType::Fp4,
+            other => panic!("{name}: quant_type {other:?}"),
+        };
+        let double_quant = e.double_quant.unwrap_or_else(|| panic!("{name}: double_quant missing"));
+        let blocksize = e.blocksize.unwrap_or_else(|| panic!("{name}: blocksize missing"));
+        let input_name = e.input.as_deref().unwrap_or_else(|| panic!("{name}: input missing"));
+        let input_t = st.tensor(input_name).unwrap_or_else(|err| panic!("{name}: {input_name}: {err}"));
+        assert_eq!(input_t.shape(), &e.shape[..], "{name}: shape of {input_name}");
+        let q = match e.dtype.as_str() {
+            "float32" => {
+                quantize_4bit(&f32::from_raw(&case.raw(input_name, Dtype::F32)), blocksize, quant_type, double_quant)
+            }
+            "bfloat16" => {
+                quantize_4bit(&bf16::from_raw(&case.raw(input_name, Dtype::BF16)), blocksize, quant_type, double_quant)
+            }
+            other => panic!("{name}: dtype {other}"),
+        }
+        .unwrap_or_else(|err| panic!("{name}: quantize_4bit failed: {err}"));
+        let numel: usize = e.shape.iter().product();
+        assert_eq!((q.numel, q.blocksize, q.quant_type), (numel, blocksize, quant_type), "{name}");
+
+        let ref_packed = case.u8s(&format!("{name}.packed"));
+        let n = q.packed.iter().zip(&ref_packed).filter(|(a, b)| a != b).count();
+        if q.packed.len() != ref_packed.len() || n != 0 {
+            errs.push(format!("{name}: packed differs in {n} of {} bytes", ref_packed.len()));
+        }
+        match (&q.absmax, double_quant) {
+            (Absmax::F32(v), false) => {
+                let r = case.f32_bits(&format!("{name}.absmax"));
+                let n = bits(v).iter().zip(&r).filter(|(a, b)| a != b).count();
+                if v.len() != r.len() || n != 0 {
+                    errs.push(format!("{name}: absmax differs in {n} of {}", r.len()));
+                }
+            }
+            (Absmax::Double(d), true) => {
+                let codes = case.u8s(&format!("{name}.absmax"));
+                let n = d.codes.iter().zip(&codes).filter(|(a, b)| a != b).count();
+                if d.codes.len() != codes.len() || n != 0 {
+                    errs.push(format!("{name}: absmax codes differ in {n} of {}", codes.len()));
+                }
+                let nested = case.f32_bits(&format!("{name}.nested_absmax"));
+                if bits(&d.nested_absmax) != nested {
+                    errs.push(format!("{name}: nested_absmax differs"));
+                }
+                let offset = case.f32_bits(&format!("{name}.offset"));
+                if vec![d.offset.to_bits()] != offset {
+                    let want: Vec<f32> = offset.iter().map(|&b| f32::from_bits(b)).collect();
+                    errs.push(format!("{name}: offset {} != {want:?}", d.offset));
+                }
+                assert_eq!(d.nested_blocksize, NESTED_BLOCKSIZE, "{name}: nested_blocksize");
+            }
+            _ => panic!("{name}: absmax kind does not match double_quant={double_quant}"),
+        }
+        seen.push((e.dtype.clone(), quant_type, double_quant));
+    }
+    // 2 modules x {f32, bf16} x {NF4, FP4} x {plain, double quant}.
+    assert_eq!(seen.len(), 16, "q4 cases: {seen:?}");
+    seen.sort_by_key(|s| format!("{s:?}"));
+    seen.dedup();
+    assert_eq!(seen.len(), 8, "every (dtype, quant type, double quant) combination: {seen:?}");
+    assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));
+}
