@@ -11,6 +11,8 @@
 //! to float rounding; prefill (many tokens at once) stays on candle, whose blocked matmuls win
 //! there, and shares the same cache.
 
+use std::borrow::Cow;
+
 use candle_core::{Device, Tensor};
 use nibble_core::{Error, Result};
 use nibble_quant::kernels::{dot_f32, for_each_chunk_mut, Precision};
@@ -18,8 +20,10 @@ use nibble_quant::kernels::{dot_f32, for_each_chunk_mut, Precision};
 use crate::{Layer, Llama};
 
 /// Keys and values of one layer in host memory, `[batch, kv_heads, capacity, head_dim]` each,
-/// the first `len` positions in use. Appending grows the capacity geometrically, so a token
-/// costs its own keys and values, not a copy of the whole cache.
+/// the first `len` positions in use, held in the model dtype (16-bit models keep the bit
+/// patterns: the values are already rounded to it, so nothing is lost, and the cache is the size
+/// the planner counts). Appending grows the capacity geometrically, so a token costs its own keys
+/// and values, not a copy of the whole cache.
 #[derive(Debug, Clone)]
 pub(crate) struct HostKv {
     batch: usize,
@@ -27,14 +31,103 @@ pub(crate) struct HostKv {
     head_dim: usize,
     len: usize,
     cap: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Buf,
+    v: Buf,
+}
+
+/// Cached values in the model dtype.
+#[derive(Debug, Clone)]
+enum Buf {
+    F32(Vec<f32>),
+    /// bf16 or f16 bit patterns.
+    Half(Vec<u16>, Precision),
+}
+
+impl Buf {
+    fn new(p: Precision) -> Self {
+        match p {
+            Precision::F32 => Buf::F32(Vec::new()),
+            half => Buf::Half(Vec::new(), half),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Buf::F32(v) => v.len(),
+            Buf::Half(v, _) => v.len(),
+        }
+    }
+
+    fn elem_bytes(&self) -> usize {
+        match self {
+            Buf::F32(_) => 4,
+            Buf::Half(..) => 2,
+        }
+    }
+
+    /// A copy with room for `cap` positions per head (of `old_cap`), keeping the first `len`.
+    fn regrow(&self, heads: usize, d: usize, len: usize, old_cap: usize, cap: usize) -> Self {
+        fn grow<T: Copy + Default>(old: &[T], heads: usize, d: usize, len: usize, old_cap: usize, cap: usize) -> Vec<T> {
+            let mut new = vec![T::default(); heads * cap * d];
+            for (dst, src) in new.chunks_exact_mut(cap * d).zip(old.chunks_exact((old_cap * d).max(1))) {
+                dst[..len * d].copy_from_slice(&src[..len * d]);
+            }
+            new
+        }
+        match self {
+            Buf::F32(v) => Buf::F32(grow(v, heads, d, len, old_cap, cap)),
+            Buf::Half(v, p) => Buf::Half(grow(v, heads, d, len, old_cap, cap), *p),
+        }
+    }
+
+    /// Writes `src` (values of the model dtype) at `at` of each head's `cap * d` slots.
+    fn write(&mut self, src: &[f32], cap_d: usize, at: usize, n: usize) {
+        match self {
+            Buf::F32(v) => {
+                for (dst, s) in v.chunks_exact_mut(cap_d).zip(src.chunks_exact(n)) {
+                    dst[at..at + n].copy_from_slice(s);
+                }
+            }
+            Buf::Half(v, p) => {
+                let p = *p;
+                for (dst, s) in v.chunks_exact_mut(cap_d).zip(src.chunks_exact(n)) {
+                    dst[at..at + n].iter_mut().zip(s).for_each(|(d, &x)| *d = to_bits(p, x));
+                }
+            }
+        }
+    }
+
+    /// Values `range` as f32: borrowed for f32, widened for 16-bit (empty when out of range).
+    fn read(&self, range: std::ops::Range<usize>) -> Cow<'_, [f32]> {
+        match self {
+            Buf::F32(v) => Cow::Borrowed(v.get(range).unwrap_or(&[])),
+            Buf::Half(v, p) => Cow::Owned(v.get(range).unwrap_or(&[]).iter().map(|&b| from_bits(*p, b)).collect()),
+        }
+    }
+}
+
+/// The 16-bit pattern of a value already rounded to `p` (exact).
+#[inline]
+fn to_bits(p: Precision, x: f32) -> u16 {
+    match p {
+        Precision::F16 => half::f16::from_f32(x).to_bits(),
+        _ => (x.to_bits() >> 16) as u16,
+    }
+}
+
+/// The f32 value of a 16-bit pattern of `p`.
+#[inline]
+fn from_bits(p: Precision, b: u16) -> f32 {
+    match p {
+        Precision::F16 => half::f16::from_bits(b).to_f32(),
+        _ => f32::from_bits(u32::from(b) << 16),
+    }
 }
 
 impl HostKv {
-    /// An empty cache for `batch x heads` key/value heads of `head_dim`.
-    pub(crate) fn new(batch: usize, heads: usize, head_dim: usize) -> Self {
-        Self { batch, heads, head_dim, len: 0, cap: 0, k: Vec::new(), v: Vec::new() }
+    /// An empty cache for `batch x heads` key/value heads of `head_dim`, in the model dtype `p`.
+    pub(crate) fn new(batch: usize, heads: usize, head_dim: usize, p: Precision) -> Self {
+        Self { batch, heads, head_dim, len: 0, cap: 0, k: Buf::new(p), v: Buf::new(p) }
     }
 
     /// Positions cached.
@@ -44,10 +137,11 @@ impl HostKv {
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * 4
+        (self.k.len() + self.v.len()) * self.k.elem_bytes()
     }
 
-    /// Appends `t` positions of keys and values, each `[batch, heads, t, head_dim]`.
+    /// Appends `t` positions of keys and values, each `[batch, heads, t, head_dim]`, values of
+    /// the model dtype.
     pub(crate) fn append(&mut self, k: &[f32], v: &[f32], t: usize) -> Result<()> {
         let (bh, d) = (self.batch * self.heads, self.head_dim);
         if k.len() != bh * t * d || v.len() != k.len() {
@@ -58,48 +152,39 @@ impl HostKv {
         }
         if self.len + t > self.cap {
             let cap = (self.len + t).max(2 * self.cap).max(64);
-            let regrow = |old: &[f32]| {
-                let mut new = vec![0.0f32; bh * cap * d];
-                for (dst, src) in new.chunks_exact_mut(cap * d).zip(old.chunks_exact((self.cap * d).max(1))) {
-                    dst[..self.len * d].copy_from_slice(&src[..self.len * d]);
-                }
-                new
-            };
-            self.k = regrow(&self.k);
-            self.v = regrow(&self.v);
+            self.k = self.k.regrow(bh, d, self.len, self.cap, cap);
+            self.v = self.v.regrow(bh, d, self.len, self.cap, cap);
             self.cap = cap;
         }
         let (at, n) = (self.len * d, t * d);
-        for ((kd, vd), (ks, vs)) in self
-            .k
-            .chunks_exact_mut(self.cap * d)
-            .zip(self.v.chunks_exact_mut(self.cap * d))
-            .zip(k.chunks_exact(n).zip(v.chunks_exact(n)))
-        {
-            kd[at..at + n].copy_from_slice(ks);
-            vd[at..at + n].copy_from_slice(vs);
-        }
+        self.k.write(k, self.cap * d, at, n);
+        self.v.write(v, self.cap * d, at, n);
         self.len += t;
         Ok(())
     }
 
-    /// The cached keys and values as `[batch, heads, len, head_dim]` tensors (copies), for the
-    /// candle attention of a prefill step.
+    /// The cached keys and values as `[batch, heads, len, head_dim]` f32 tensors (copies), for
+    /// the candle attention of a prefill step.
     pub(crate) fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
         let d = self.head_dim;
-        let gather = |buf: &[f32]| -> Vec<f32> {
-            buf.chunks_exact((self.cap * d).max(1)).flat_map(|h| h[..self.len * d].iter().copied()).collect()
+        let gather = |buf: &Buf| -> Vec<f32> {
+            let mut all = Vec::with_capacity(self.batch * self.heads * self.len * d);
+            for h in 0..self.batch * self.heads {
+                let start = h * self.cap * d;
+                all.extend_from_slice(&buf.read(start..start + self.len * d));
+            }
+            all
         };
         let shape = (self.batch, self.heads, self.len, d);
         Ok((Tensor::from_vec(gather(&self.k), shape, device)?, Tensor::from_vec(gather(&self.v), shape, device)?))
     }
 
-    /// Keys and values of head `h` of batch row `b`: `len` rows of `head_dim` each (empty for
-    /// a head outside the cache).
-    fn head(&self, b: usize, h: usize) -> (&[f32], &[f32]) {
+    /// Keys and values of head `h` of batch row `b` as f32: `len` rows of `head_dim` each
+    /// (empty for a head outside the cache).
+    fn head(&self, b: usize, h: usize) -> (Cow<'_, [f32]>, Cow<'_, [f32]>) {
         let start = (b * self.heads + h) * self.cap * self.head_dim;
         let range = start..start + self.len * self.head_dim;
-        (self.k.get(range.clone()).unwrap_or(&[]), self.v.get(range).unwrap_or(&[]))
+        (self.k.read(range.clone()), self.v.read(range))
     }
 }
 
@@ -314,7 +399,7 @@ mod tests {
     #[test]
     fn host_kv_grows_and_keeps_positions() -> Result<()> {
         let (b, heads, d) = (2, 3, 4);
-        let mut kv = HostKv::new(b, heads, d);
+        let mut kv = HostKv::new(b, heads, d, Precision::F32);
         // Value of (batch, head, position, i): distinct for every slot.
         let val = |bi: usize, h: usize, p: usize, i: usize| (((bi * 10 + h) * 1000 + p) * 10 + i) as f32;
         let step = |p0: usize, t: usize| -> Vec<f32> {
@@ -341,6 +426,27 @@ mod tests {
         let (keys, _) = kv.head(1, 2);
         assert_eq!(keys.get(149 * d), Some(&val(1, 2, 149, 0)));
         assert!(kv.append(&[0.0; 3], &[0.0; 3], 1).is_err());
+        Ok(())
+    }
+
+    /// A 16-bit model's cache holds 2 bytes a value and gives back exactly what it was handed
+    /// (values already of that dtype), in both the tensor and the per-head reads.
+    #[test]
+    fn host_kv_in_sixteen_bits_is_exact_and_half_the_size() -> Result<()> {
+        let (b, heads, d, t) = (1, 2, 8, 70);
+        for p in [Precision::Bf16, Precision::F16] {
+            let vals: Vec<f32> = (0..b * heads * t * d).map(|i| p.round((i as f32 * 0.37).sin() * 3.0)).collect();
+            let mut kv = HostKv::new(b, heads, d, p);
+            kv.append(&vals, &vals, t)?;
+            let mut wide = HostKv::new(b, heads, d, Precision::F32);
+            wide.append(&vals, &vals, t)?;
+            assert_eq!(kv.bytes() * 2, wide.bytes());
+            let (k, _) = kv.tensors(&Device::Cpu)?;
+            assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, vals);
+            let (keys, values) = kv.head(0, 1);
+            assert_eq!(&keys[..], &vals[t * d..]);
+            assert_eq!(&values[..], &vals[t * d..]);
+        }
         Ok(())
     }
 }

@@ -359,7 +359,7 @@ impl Llama {
             x = match slot {
                 Slot::Host(kv) if t == 1 => self.layer_step_host(layer, &x, &rot, kv),
                 Slot::Empty if t == 1 && self.host_path(&layer.device) => {
-                    let mut kv = HostKv::new(b, self.cfg.num_key_value_heads, self.cfg.head_dim);
+                    let mut kv = HostKv::new(b, self.cfg.num_key_value_heads, self.cfg.head_dim, self.precision());
                     let y = self.layer_step_host(layer, &x, &rot, &mut kv);
                     *slot = Slot::Host(kv);
                     y
@@ -494,7 +494,7 @@ impl Llama {
                 let (b, heads, t, d) = k.dims4()?;
                 let mut kv = match slot {
                     Slot::Host(kv) => kv,
-                    _ => HostKv::new(b, heads, d),
+                    _ => HostKv::new(b, heads, d, self.precision()),
                 };
                 let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
                 kv.append(&flat(&k)?, &flat(&v)?, t)?;

@@ -10,23 +10,24 @@
 //!
 //! # 4-bit semantics
 //!
-//! bitsandbytes computes a 4-bit layer on the CPU as "dequantize into the checkpoint's dtype, cast
-//! to the compute dtype, multiply". The fused kernels reproduce the weight values exactly: each
-//! weight is `code[nibble] * absmax[block]` in f32, rounded to the weight precision and then to the
-//! compute precision ([`Rounding`]). Because a block has only 16 distinct values, the kernels
-//! build that 16-entry table once per block and look weights up in it, so the rounding costs
-//! nothing per weight. Products are accumulated in f32; only the order of the additions differs
-//! from a reference matmul, so results agree within f32 rounding of the sum (`~in * 2^-24 *
-//! sum |w x|`).
+//! bitsandbytes 0.50.2 computes a 4-bit layer on the CPU as "dequantize straight into the compute
+//! dtype, multiply" (`gemm_4bit`). The fused kernels reproduce the weight values exactly: each
+//! weight is `code[nibble] * absmax[block]` in f32, rounded to the precisions of a [`Rounding`]
+//! (the layers use no rounding before the compute precision; the `weight` step serves callers
+//! that want a chain). Because a block has only 16 distinct values, the kernels build that
+//! 16-entry table once per block and look weights up in it, so the rounding costs nothing per
+//! weight. Products are accumulated in f32; only the order of the additions differs from a
+//! reference matmul, so results agree within f32 rounding of the sum (`~in * 2^-24 * sum |w x|`).
 //!
-//! One kernel trades that exactness for speed where it costs no more than the reference's own
-//! rounding: the AVX2 one-token decode kernel, for weights whose last rounding is bf16 (a bf16
-//! checkpoint, or bf16 compute) in blocks of 64 or more, computes `sum_b absmax_b * sum_(i in b)
-//! bf16(code_i) * x_i`. Building a table per block was a third of its work; this needs one table
-//! per matrix. Each weight then differs from bitsandbytes' `bf16(code * absmax)` by at most
-//! `2^-8` relative (two bf16 roundings; `2^-11` more when the weights were f16 first), so a
-//! product differs by at most about `2^-8 * sum |w x|` more: the size of the bf16 rounding the
-//! reference applies itself. f32 and f16 weights, prefill and
+//! The AVX2 one-token decode kernel, in blocks of 64 or more, factors the block scale out
+//! instead: `sum_b absmax_b * sum_(i in b) code_i * x_i`, one code table per matrix instead of
+//! one per block (building a table per block was a third of its work). With f32 weights the
+//! table is the exact f32 code book, so this differs from the per-weight product by f32 rounding
+//! only (`2^-24` relative per weight), like any reordered sum. For weights whose last rounding is
+//! bf16 (bf16 compute) the table is the bf16 code book: each weight then differs from
+//! bitsandbytes' `bf16(code * absmax)` by at most `2^-8` relative (two bf16 roundings; `2^-11`
+//! more for an f16-then-bf16 chain), so a product differs by at most about `2^-8 * sum |w x|`
+//! more: the size of the bf16 rounding the reference applies itself. f16 weights, prefill and
 //! the other kernels stay exact as above.
 //!
 //! # Int8 semantics
