@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use nibble::{BitsAndBytesConfig, DeviceMap, Error};
+use nibble::{BitsAndBytesConfig, DeviceMap, Error, LoadOptions, Model, ModelDtype};
 
 /// Rounds to bf16 and back, so that the GGUF's f32 values survive nibble's bf16 rounding intact.
 fn bf16_exact(t: &Tensor) -> Tensor {
@@ -172,7 +172,10 @@ fn tiny_gguf_loads_like_its_folder_and_imports() {
 
     let out = tmp.path().join("imported");
     nibble::import_gguf(&gguf, &out).unwrap();
-    let imported = load(&out).unwrap();
+    // The imported folder says bfloat16 (its weights are stored so); a GGUF loads as float32
+    // under `auto`, as in transformers: compare in the same dtype.
+    let opts = LoadOptions { quant: BitsAndBytesConfig::none(), dtype: ModelDtype::F32, ..LoadOptions::default() };
+    let imported = Model::load(out.to_str().unwrap(), &opts).unwrap();
     let diff = max_abs_diff(&direct.logits(ids).unwrap(), &imported.logits(ids).unwrap());
     assert!(diff == 0.0, "GGUF vs imported folder logits differ by {diff}");
     assert_eq!(imported.tokenizer().unwrap().encode(&text, true).unwrap()[..24], *ids);
