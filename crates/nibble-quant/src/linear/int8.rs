@@ -24,6 +24,12 @@ const INT8_MM_SCALE: f32 = 6.200_124e-5;
 /// added to the rounded main product in f32 and rounded to D once more. That last step is how
 /// torch's CPU `addmm` (oneDNN for bf16/f16, MKL for f32) turned out to compute it for the
 /// SmolLM2 references in `tests/fixtures/int8-layer`: bit-equal there for all three dtypes.
+/// One exception, seen on real SmolLM2 activations (`tests/fixtures/int8-model`): in f32 with a
+/// single outlier column, MKL computes `fma(x, b, main)`, one rounding, not `main + x * b`.
+/// Known residual, on the 210 layers of a 256-token SmolLM2 run: with many outlier columns the
+/// libraries' blocked sums differ from this order in the last bit of a few values (f16: one layer
+/// with 527 columns, 52 of 147,456 values; bf16: the layers with 10 or more columns, up to 29
+/// values; f32: one layer with 531 columns, most values).
 #[derive(Debug)]
 pub struct Linear8bit {
     cb: Vec<i8>,
@@ -105,6 +111,8 @@ impl Linear8bit {
             .collect();
         // Integer accumulation is exact, so the SIMD kernel's sums equal the scalar definition.
         let acc_all = kernels::int8_matmul_i32(&qa.cb, rows, &self.cb, n_out, n_in)?;
+        // torch's f32 addmm of a single column (k = 1) rounds once, unlike its k > 1 sums.
+        let single_f32 = dt == DType::F32 && cols.len() == 1;
         let mut out = vec![0.0f32; rows * n_out];
         out.par_chunks_mut(n_out)
             .zip(acc_all.par_chunks(n_out))
@@ -116,6 +124,11 @@ impl Linear8bit {
                     let main = round(acc as f32 * (sa * sb) * INT8_MM_SCALE);
                     *y = if cols.is_empty() {
                         main
+                    } else if single_f32 {
+                        // f32 with one outlier column: MKL's addmm fuses the one product into
+                        // the main product, `fma(x, b, main)` (a single rounding).
+                        let (c, b) = (cols[0], sub_b.get(o).copied().unwrap_or(0.0));
+                        xa.get(c).copied().unwrap_or(0.0).mul_add(b, main)
                     } else {
                         // addmm: the outlier products summed in f32 (fused multiply-adds, column
                         // order), added to the main product, one rounding to D.
