@@ -64,28 +64,31 @@ fn perplexity_unquantized_and_nf4() {
     assert!((nf4 - none).abs() / none <= 0.45, "NF4 perplexity {nf4} is not within 45% of {none}");
 }
 
-/// The figures of docs/benchmarks.md; slow (five loads), so run on demand:
+/// The figures of docs/benchmarks.md; slow (ten loads), so run on demand:
 /// `cargo test --release --test smollm2 -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn perplexity_table() {
     let Some(dir) = model_dir() else { return };
-    for (name, quant) in [
-        ("none", BitsAndBytesConfig::none()),
-        ("nf4", BitsAndBytesConfig::nf4()),
-        ("nf4 + double quant", BitsAndBytesConfig::nf4().with_double_quant(true)),
-        ("fp4", BitsAndBytesConfig::fp4()),
-        ("int8", BitsAndBytesConfig::int8()),
-    ] {
-        let started = std::time::Instant::now();
-        let model = nibble::from_pretrained(&dir, quant, DeviceMap::Auto).unwrap();
-        let load = started.elapsed().as_secs_f64();
-        let text = std::fs::read_to_string(fixture("ppl-text.txt")).unwrap();
-        let ppl = model.perplexity(&text, 256).unwrap();
-        println!(
-            "| {name} | {ppl:.3} | {:.1} MiB | {load:.2} s |",
-            model.resident_weight_bytes() as f64 / (1024.0 * 1024.0)
-        );
+    for dtype in [ModelDtype::F32, ModelDtype::Auto] {
+        for (name, quant) in [
+            ("none", BitsAndBytesConfig::none()),
+            ("nf4", BitsAndBytesConfig::nf4()),
+            ("nf4 + double quant", BitsAndBytesConfig::nf4().with_double_quant(true)),
+            ("fp4", BitsAndBytesConfig::fp4()),
+            ("int8", BitsAndBytesConfig::int8()),
+        ] {
+            let started = std::time::Instant::now();
+            let model = Model::load(&dir, &LoadOptions { quant, dtype, ..LoadOptions::default() }).unwrap();
+            let load = started.elapsed().as_secs_f64();
+            let text = std::fs::read_to_string(fixture("ppl-text.txt")).unwrap();
+            let ppl = model.perplexity(&text, 256).unwrap();
+            println!(
+                "| {:?} | {name} | {ppl:.3} | {:.1} MiB | {load:.2} s |",
+                model.dtype(),
+                model.resident_weight_bytes() as f64 / (1024.0 * 1024.0)
+            );
+        }
     }
 }
 
