@@ -23,15 +23,6 @@ use serde_json::Value;
 /// bit on captured activations (`crates/nibble-quant/tests/int8_model.rs`).
 const INT8_TOLERANCE: f64 = 0.04;
 
-fn model_dir() -> Option<String> {
-    let dir = root().join("models/smollm2-135m-instruct");
-    if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
-        Some(dir.display().to_string())
-    } else {
-        println!("skipped: {} is missing; run models/fetch-smollm2.sh to make it", dir.display());
-        None
-    }
-}
 
 /// One row of the reference table.
 struct Row {
@@ -88,7 +79,7 @@ fn tolerance(row: &Row) -> f64 {
 
 /// The rows whose dtype is `float32` (`f32 == true`) or 16-bit, each within its tolerance.
 fn check(f32_rows: bool) {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = smollm2_dir() else { return };
     let text = std::fs::read_to_string(fixture("ppl-text.txt")).unwrap();
     let mut failures = Vec::new();
     for row in rows().into_iter().filter(|r| (r.dtype == ModelDtype::F32) == f32_rows) {
@@ -117,7 +108,7 @@ fn sixteen_bit_rows() {
 /// is the bfloat16 row (and its tied head is the embedding, held once).
 #[test]
 fn default_dtype_is_the_checkpoints() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = smollm2_dir() else { return };
     let model = nibble::from_pretrained(&dir, BitsAndBytesConfig::nf4(), DeviceMap::Cpu).unwrap();
     assert_eq!(model.dtype(), nibble::DType::BF16);
     assert!(model.head_is_shared());

@@ -137,15 +137,6 @@ fn planned_weight_bytes_equal_resident_prequantized_tiny_llama() {
     assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));
 }
 
-fn smollm2_dir() -> Option<String> {
-    let dir = root().join("models/smollm2-135m-instruct");
-    if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
-        Some(dir.display().to_string())
-    } else {
-        println!("skipped: {} is missing; run models/fetch-smollm2.sh to make it", dir.display());
-        None
-    }
-}
 
 #[test]
 fn planned_weight_bytes_equal_resident_smollm2() {

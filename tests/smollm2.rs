@@ -17,15 +17,6 @@ use nibble::{BitsAndBytesConfig, ChatMessage, DeviceMap, GenerateOptions, LoadOp
 /// The reference perplexity of the unquantized model (f32 compute).
 const PPL_NONE: f64 = 21.7;
 
-fn model_dir() -> Option<String> {
-    let dir = root().join("models/smollm2-135m-instruct");
-    if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
-        Some(dir.display().to_string())
-    } else {
-        println!("skipped: {} is missing; run models/fetch-smollm2.sh to make it", dir.display());
-        None
-    }
-}
 
 fn gguf_file() -> Option<PathBuf> {
     let p = root().join("models/smollm2-135m-instruct.Q4_1.gguf");
@@ -45,7 +36,7 @@ fn perplexity(dir: &str, quant: BitsAndBytesConfig) -> f64 {
 
 #[test]
 fn nf4_chat_knows_the_capital_of_france() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = smollm2_dir() else { return };
     let model = nibble::from_pretrained(&dir, BitsAndBytesConfig::nf4(), DeviceMap::Auto).unwrap();
     let messages = [ChatMessage::new("user", "What is the capital of France?")];
     let out = model.chat(&messages, &GenerateOptions::greedy(48), |_| {}).unwrap();
@@ -55,7 +46,7 @@ fn nf4_chat_knows_the_capital_of_france() {
 
 #[test]
 fn perplexity_unquantized_and_nf4() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = smollm2_dir() else { return };
     let none = perplexity(&dir, BitsAndBytesConfig::none());
     println!("perplexity none: {none:.3}");
     assert!((none - PPL_NONE).abs() <= 0.5, "unquantized perplexity {none}, expected {PPL_NONE} ± 0.5");
@@ -69,7 +60,7 @@ fn perplexity_unquantized_and_nf4() {
 #[test]
 #[ignore]
 fn perplexity_table() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = smollm2_dir() else { return };
     for dtype in [ModelDtype::F32, ModelDtype::Auto] {
         for (name, quant) in [
             ("none", BitsAndBytesConfig::none()),
@@ -94,7 +85,7 @@ fn perplexity_table() {
 
 #[test]
 fn gguf_direct_equals_imported_folder() {
-    let (Some(dir), Some(gguf)) = (model_dir(), gguf_file()) else { return };
+    let (Some(dir), Some(gguf)) = (smollm2_dir(), gguf_file()) else { return };
     // The folder holds bf16 (its `dtype`); a GGUF loads as float32 under `auto`, as in
     // transformers, so ask for the folder's dtype.
     let opts = LoadOptions { quant: BitsAndBytesConfig::none(), dtype: ModelDtype::Bf16, ..LoadOptions::default() };

@@ -15,6 +15,18 @@ pub fn tiny_model() -> String {
     root().join("models/tiny-llama").display().to_string()
 }
 
+/// `models/smollm2-135m-instruct` (made by `models/fetch-smollm2.sh`), or `None` with the reason
+/// printed when it is missing, so that the tests needing it skip.
+pub fn smollm2_dir() -> Option<String> {
+    let dir = root().join("models/smollm2-135m-instruct");
+    if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
+        Some(dir.display().to_string())
+    } else {
+        println!("skipped: {} is missing; run models/fetch-smollm2.sh to make it", dir.display());
+        None
+    }
+}
+
 /// A fixture path.
 pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
