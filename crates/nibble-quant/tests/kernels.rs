@@ -321,7 +321,8 @@ fn linear4bit_forward_all_activation_dtypes() {
 /// The LLM.int8() forward pass written out with scalar i32 dot products, for activations of dtype
 /// D (`round` rounds f32 to D): main product scaled in f32 and rounded to D, outlier columns summed
 /// in f32 by fused multiply-adds against the D-rounded dequantized weight columns, added, and
-/// rounded to D (see `Linear8bit`; checked against bitsandbytes in `tests/int8_layer.rs`).
+/// rounded to D; in f32 a single outlier column is fused into the main product (see `Linear8bit`;
+/// checked against bitsandbytes in `tests/int8_layer.rs` and `tests/int8_model.rs`).
 #[allow(clippy::too_many_arguments)]
 fn int8_forward_scalar(
     cb: &[i8],
@@ -332,6 +333,7 @@ fn int8_forward_scalar(
     rows: usize,
     threshold: f32,
     round: fn(f32) -> f32,
+    f32_model: bool,
 ) -> Vec<f32> {
     const INT8_MM_SCALE: f32 = 6.200_124e-5;
     let inv127 = nibble_quant::functional::INV_127;
@@ -347,6 +349,10 @@ fn int8_forward_scalar(
             let main = round(acc as f32 * (qa.scb[r] * scb[o]) * INT8_MM_SCALE);
             out[r * n_out + o] = if cols.is_empty() {
                 main
+            } else if f32_model && cols.len() == 1 {
+                // f32 with one outlier column: MKL's addmm fuses the product, one rounding.
+                let b = (f32::from(w[cols[0]]) * scb[o]) * inv127;
+                x[r * n_in + cols[0]].mul_add(b, main)
             } else {
                 let mut extra = 0.0f32;
                 for &c in &cols {
@@ -384,7 +390,7 @@ fn linear8bit_forward_is_unchanged() {
                         xv[n_in + n_in / 3] = -12.0;
                     }
                     let xv: Vec<f32> = xv.into_iter().map(round).collect();
-                    let want = int8_forward_scalar(cb, scb, n_out, n_in, &xv, rows, threshold, round);
+                    let want = int8_forward_scalar(cb, scb, n_out, n_in, &xv, rows, threshold, round, dt == DType::F32);
                     let x = tensor_of(&xv, &[rows, n_in], dt);
                     let y = layer.forward(&x).unwrap();
                     assert_eq!(y.dtype(), dt);
