@@ -1,12 +1,12 @@
 //! The LLM.int8() layer.
 
 use candle_core::{DType, Device, Tensor};
-use half::{bf16, f16};
+use half::f16;
 use nibble_core::{Error, Result};
 
 use super::{check_input, with_values, LinearStorage, QuantLinear};
 use crate::functional;
-use crate::kernels;
+use crate::kernels::{self, Precision};
 
 /// bitsandbytes' `1 / (127 * 127)`, the int32 accumulator's scale in `int8_mm_dequant`.
 const INT8_MM_SCALE: f32 = 6.200_124e-5;
@@ -95,7 +95,8 @@ impl Linear8bit {
         if rows.checked_mul(n_in) != Some(x.len()) {
             return Err(Error::invalid_argument("x", format!("has {} values, which is not {rows} x {n_in}", x.len())));
         }
-        let round = rounding(dt)?;
+        let p = precision(dt)?;
+        let round = |v: f32| p.round(v);
         // bitsandbytes quantizes `A.to(float16)`; f32 -> f16 of the exact value is that cast.
         let x16: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
         let qa = functional::int8_vectorwise_quant(&x16, rows, n_in, self.threshold)?;
@@ -147,20 +148,14 @@ impl Linear8bit {
 
 /// The activation dtypes bitsandbytes' int8 layer is used with.
 fn check_act_dtype(dt: DType) -> Result<()> {
-    rounding(dt).map(|_| ())
+    precision(dt).map(|_| ())
 }
 
-/// Rounding of an f32 value to `dt` (round to nearest even, as torch's `.to(dtype)`), kept in f32.
-fn rounding(dt: DType) -> Result<fn(f32) -> f32> {
-    match dt {
-        DType::F32 => Ok(|v| v),
-        DType::F16 => Ok(|v| f16::from_f32(v).to_f32()),
-        DType::BF16 => Ok(|v| bf16::from_f32(v).to_f32()),
-        other => Err(Error::invalid_argument(
-            "dtype",
-            format!("LLM.int8() activations must be f32, bf16 or f16, not {other:?}"),
-        )),
-    }
+/// The rounding to `dt` (nearest even, as torch's `.to(dtype)`) the layer's outputs go through.
+fn precision(dt: DType) -> Result<Precision> {
+    Precision::from_dtype(dt).ok_or_else(|| {
+        Error::invalid_argument("dtype", format!("LLM.int8() activations must be f32, bf16 or f16, not {dt:?}"))
+    })
 }
 
 impl QuantLinear for Linear8bit {
