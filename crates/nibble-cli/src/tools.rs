@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use nibble::{
-    BitsAndBytesConfig, CudaStatus, DeviceMap, Inventory, LlamaConfig, MaxMemory, ModelDtype, PlanRequest,
+    BitsAndBytesConfig, CudaStatus, DeviceMap, Inventory, ModelConfig, MaxMemory, ModelDtype, PlanRequest,
 };
 use nibble_plan::{human, parse_size, safety_margin};
 
@@ -59,7 +59,7 @@ pub struct PlanArgs {
 }
 
 /// Reads config.json for `model`: a folder, the file itself, or a hub id fetched alone.
-fn read_config(model: &str) -> anyhow::Result<LlamaConfig> {
+fn read_config(model: &str) -> anyhow::Result<ModelConfig> {
     let p = Path::new(model);
     let path: PathBuf = if p.is_dir() {
         p.join("config.json")
@@ -68,7 +68,7 @@ fn read_config(model: &str) -> anyhow::Result<LlamaConfig> {
     } else {
         nibble::fetch_config(model).with_context(|| format!("cannot find config.json for {model}"))?
     };
-    Ok(LlamaConfig::from_file(&path)?)
+    Ok(ModelConfig::from_file(&path)?)
 }
 
 /// `nibble plan`: the placement table; fails with the out-of-memory error when nothing fits.

@@ -17,20 +17,23 @@ use candle_core::{Device, Tensor};
 use nibble_core::{Error, Result};
 use nibble_quant::kernels::{dot_f32, for_each_chunk_mut, Precision};
 
-use crate::{Layer, Llama};
+use crate::{GateUp, Layer, Llama, Qkv};
 
 /// Keys and values of one layer in host memory, `[batch, kv_heads, capacity, head_dim]` each,
-/// the first `len` positions in use, held in the model dtype (16-bit models keep the bit
-/// patterns: the values are already rounded to it, so nothing is lost, and the cache is the size
-/// the planner counts). Appending grows the capacity geometrically, so a token costs its own keys
-/// and values, not a copy of the whole cache.
+/// held in the model dtype (16-bit models keep the bit patterns: the values are already rounded
+/// to it, so nothing is lost, and the cache is the size the planner counts). Appending grows the
+/// capacity geometrically, so a token costs its own keys and values, not a copy of the whole
+/// cache. Under an attention window `w` the capacity stops at `w` and position `p` lives in slot
+/// `p % w`: the window the next query sees (itself and `w - 1` before it), never more.
 #[derive(Debug, Clone)]
 pub(crate) struct HostKv {
     batch: usize,
     heads: usize,
     head_dim: usize,
-    len: usize,
+    /// Positions appended so far.
+    seen: usize,
     cap: usize,
+    window: Option<usize>,
     k: Buf,
     v: Buf,
 }
@@ -80,18 +83,25 @@ impl Buf {
         }
     }
 
-    /// Writes `src` (values of the model dtype) at `at` of each head's `cap * d` slots.
-    fn write(&mut self, src: &[f32], cap_d: usize, at: usize, n: usize) {
+    /// Writes one position's `d` values of each head (`src` is `[heads, t, d]`, position `j` of
+    /// it) into slot `slot` of each head's `cap * d` values.
+    fn write(&mut self, src: &[f32], (cap_d, d): (usize, usize), slot: usize, (t, j): (usize, usize)) {
+        let rows = src.chunks_exact((t * d).max(1)).map(|h| h.get(j * d..(j + 1) * d).unwrap_or(&[]));
+        let at = slot * d;
         match self {
             Buf::F32(v) => {
-                for (dst, s) in v.chunks_exact_mut(cap_d).zip(src.chunks_exact(n)) {
-                    dst[at..at + n].copy_from_slice(s);
+                for (dst, s) in v.chunks_exact_mut(cap_d.max(1)).zip(rows) {
+                    if let Some(dst) = dst.get_mut(at..at + s.len()) {
+                        dst.copy_from_slice(s);
+                    }
                 }
             }
             Buf::Half(v, p) => {
                 let p = *p;
-                for (dst, s) in v.chunks_exact_mut(cap_d).zip(src.chunks_exact(n)) {
-                    dst[at..at + n].iter_mut().zip(s).for_each(|(d, &x)| *d = to_bits(p, x));
+                for (dst, s) in v.chunks_exact_mut(cap_d.max(1)).zip(rows) {
+                    if let Some(dst) = dst.get_mut(at..at + s.len()) {
+                        dst.iter_mut().zip(s).for_each(|(d, &x)| *d = to_bits(p, x));
+                    }
                 }
             }
         }
@@ -125,19 +135,33 @@ fn from_bits(p: Precision, b: u16) -> f32 {
 }
 
 impl HostKv {
-    /// An empty cache for `batch x heads` key/value heads of `head_dim`, in the model dtype `p`.
-    pub(crate) fn new(batch: usize, heads: usize, head_dim: usize, p: Precision) -> Self {
-        Self { batch, heads, head_dim, len: 0, cap: 0, k: Buf::new(p), v: Buf::new(p) }
+    /// An empty cache for `batch x heads` key/value heads of `head_dim`, in the model dtype `p`,
+    /// for a layer with attention window `window`.
+    pub(crate) fn new(batch: usize, heads: usize, head_dim: usize, p: Precision, window: Option<usize>) -> Self {
+        Self { batch, heads, head_dim, seen: 0, cap: 0, window, k: Buf::new(p), v: Buf::new(p) }
     }
 
-    /// Positions cached.
-    pub(crate) fn len(&self) -> usize {
-        self.len
+    /// Positions appended so far.
+    pub(crate) fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// Positions held: all of them, or the last `window` under a window.
+    pub(crate) fn kept(&self) -> usize {
+        self.window.map_or(self.seen, |w| self.seen.min(w))
     }
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
         (self.k.len() + self.v.len()) * self.k.elem_bytes()
+    }
+
+    /// The slot of position `pos`.
+    fn slot(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => pos % w.max(1),
+            None => pos,
+        }
     }
 
     /// Appends `t` positions of keys and values, each `[batch, heads, t, head_dim]`, values of
@@ -150,40 +174,56 @@ impl HostKv {
                 format!("{} key values for {bh} heads x {t} positions x {d}", k.len()),
             ));
         }
-        if self.len + t > self.cap {
-            let cap = (self.len + t).max(2 * self.cap).max(64);
-            self.k = self.k.regrow(bh, d, self.len, self.cap, cap);
-            self.v = self.v.regrow(bh, d, self.len, self.cap, cap);
+        let want = match self.window {
+            Some(w) => (self.seen + t).min(w),
+            None => self.seen + t,
+        };
+        if want > self.cap {
+            let cap = want.max(2 * self.cap).max(64);
+            let cap = self.window.map_or(cap, |w| cap.min(w));
+            // Before a window first fills, slots are positions, so growing keeps them in place.
+            let kept = self.kept();
+            self.k = self.k.regrow(bh, d, kept, self.cap, cap);
+            self.v = self.v.regrow(bh, d, kept, self.cap, cap);
             self.cap = cap;
         }
-        let (at, n) = (self.len * d, t * d);
-        self.k.write(k, self.cap * d, at, n);
-        self.v.write(v, self.cap * d, at, n);
-        self.len += t;
+        // Under a window only the last `window` of these positions are ever seen again.
+        let skip = self.window.map_or(0, |w| t.saturating_sub(w));
+        for j in skip..t {
+            let slot = self.slot(self.seen + j);
+            self.k.write(k, (self.cap * d, d), slot, (t, j));
+            self.v.write(v, (self.cap * d, d), slot, (t, j));
+        }
+        self.seen += t;
         Ok(())
     }
 
-    /// The cached keys and values as `[batch, heads, len, head_dim]` f32 tensors (copies), for
-    /// the candle attention of a prefill step.
+    /// The kept keys and values as `[batch, heads, kept, head_dim]` f32 tensors in position
+    /// order (copies), for the candle attention of a prefill step.
     pub(crate) fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
-        let d = self.head_dim;
+        let (d, kept) = (self.head_dim, self.kept());
+        let first = self.seen - kept;
         let gather = |buf: &Buf| -> Vec<f32> {
-            let mut all = Vec::with_capacity(self.batch * self.heads * self.len * d);
+            let mut all = Vec::with_capacity(self.batch * self.heads * kept * d);
             for h in 0..self.batch * self.heads {
                 let start = h * self.cap * d;
-                all.extend_from_slice(&buf.read(start..start + self.len * d));
+                for pos in first..self.seen {
+                    let at = start + self.slot(pos) * d;
+                    all.extend_from_slice(&buf.read(at..at + d));
+                }
             }
             all
         };
-        let shape = (self.batch, self.heads, self.len, d);
+        let shape = (self.batch, self.heads, kept, d);
         Ok((Tensor::from_vec(gather(&self.k), shape, device)?, Tensor::from_vec(gather(&self.v), shape, device)?))
     }
 
-    /// Keys and values of head `h` of batch row `b` as f32: `len` rows of `head_dim` each
-    /// (empty for a head outside the cache).
+    /// Keys and values of head `h` of batch row `b` as f32: `kept` rows of `head_dim` each, in
+    /// slot order (attention sums over them, so the order is immaterial; empty for a head
+    /// outside the cache).
     fn head(&self, b: usize, h: usize) -> (Cow<'_, [f32]>, Cow<'_, [f32]>) {
         let start = (b * self.heads + h) * self.cap * self.head_dim;
-        let range = start..start + self.len * self.head_dim;
+        let range = start..start + self.kept() * self.head_dim;
         (self.k.read(range.clone()), self.v.read(range))
     }
 }
@@ -201,12 +241,14 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f64, p: Precision) -> Vec<f32> {
     out
 }
 
-/// Rotate-half RoPE of every `head_dim`-wide head in `x`, in place: `x * cos + rotate_half(x) *
-/// sin` with both products and the sum rounded to `p` (candle's fused `rope` for f32).
-fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], p: Precision) {
+/// Rotate-half RoPE of the first `2 * cos.len()` values of every `head_dim`-wide head in `x`, in
+/// place (the rest pass through): `x * cos + rotate_half(x) * sin` with both products and the sum
+/// rounded to `p` (candle's fused `rope` for f32).
+fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], p: Precision) {
     let half = cos.len();
-    for head in x.chunks_exact_mut(2 * half) {
-        let (a, b) = head.split_at_mut(half);
+    for head in x.chunks_exact_mut(head_dim.max(1)) {
+        let Some(rotated) = head.get_mut(..2 * half) else { continue };
+        let (a, b) = rotated.split_at_mut(half);
         for (((x1, x2), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
             let (u, v) = (*x1, *x2);
             if p == Precision::F32 {
@@ -218,6 +260,21 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], p: Precision) {
             }
         }
     }
+}
+
+/// Splits `rows` rows of `y` into consecutive column blocks of the given widths (a fused
+/// projection's outputs: q, k, v or gate, up), each `rows x width`.
+fn split_columns(y: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let mut out: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
+    for row in y.chunks_exact(total.max(1)) {
+        let mut at = 0;
+        for (o, &w) in out.iter_mut().zip(widths) {
+            o.extend_from_slice(row.get(at..at + w).unwrap_or(&[]));
+            at += w;
+        }
+    }
+    out
 }
 
 /// `g <- silu(g) * u` (SiLU of the gate times the up projection), the SiLU and the product each
@@ -302,27 +359,46 @@ impl Llama {
         let p = self.precision();
         let mut xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
 
-        let hn = rms_norm(&xs, &layer.input_norm_host, eps, p);
+        let hn = rms_norm(&xs, &layer.input_norm.host, eps, p);
         // Each product is split across the kernel team (see `nibble_quant::kernels::for_each_index`),
         // so they run one after another.
-        let mut q = layer.attn.q.forward_f32(&hn, b)?;
-        let mut k = layer.attn.k.forward_f32(&hn, b)?;
-        let v = layer.attn.v.forward_f32(&hn, b)?;
-        rope(&mut q, cos, sin, p);
-        rope(&mut k, cos, sin, p);
+        let (mut q, mut k, v) = match &layer.qkv {
+            Qkv::Separate { q, k, v } => (q.forward_f32(&hn, b)?, k.forward_f32(&hn, b)?, v.forward_f32(&hn, b)?),
+            Qkv::Fused(qkv) => {
+                let (qw, kw) = (self.cfg.q_width(), self.cfg.kv_width());
+                let mut parts = split_columns(&qkv.forward_f32(&hn, b)?, b, &[qw, kw, kw]).into_iter();
+                let mut next = || parts.next().unwrap_or_default();
+                (next(), next(), next())
+            }
+        };
+        // Per-head RMSNorm (Qwen3): every head_dim values are one row.
+        if let Some(n) = &layer.q_norm {
+            q = rms_norm(&q, &n.host, eps, p);
+        }
+        if let Some(n) = &layer.k_norm {
+            k = rms_norm(&k, &n.host, eps, p);
+        }
+        rope(&mut q, hd, cos, sin, p);
+        rope(&mut k, hd, cos, sin, p);
         // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
         kv.append(&k, &v, 1)?;
         let attn = self.attend(&q, kv, b, nh, nkv, hd)?;
-        let o = layer.attn.o.forward_f32(&attn, b)?;
+        let o = layer.o.forward_f32(&attn, b)?;
         xs.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         p.round_slice(&mut xs);
 
-        let hn = rms_norm(&xs, &layer.post_norm_host, eps, p);
-        let gate = layer.mlp.gate.forward_f32(&hn, b)?;
-        let up = layer.mlp.up.forward_f32(&hn, b)?;
-        let mut act = gate;
+        let hn = rms_norm(&xs, &layer.post_norm.host, eps, p);
+        let (mut act, up) = match &layer.gate_up {
+            GateUp::Separate { gate, up } => (gate.forward_f32(&hn, b)?, up.forward_f32(&hn, b)?),
+            GateUp::Fused(gu) => {
+                let inter = self.cfg.intermediate_size;
+                let mut parts = split_columns(&gu.forward_f32(&hn, b)?, b, &[inter, inter]).into_iter();
+                let mut next = || parts.next().unwrap_or_default();
+                (next(), next())
+            }
+        };
         silu_mul(&mut act, &up, p);
-        let down = layer.mlp.down.forward_f32(&act, b)?;
+        let down = layer.down.forward_f32(&act, b)?;
         xs.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         p.round_slice(&mut xs);
         Ok(Tensor::from_vec(xs, (b, 1, h), &Device::Cpu)?)
@@ -336,7 +412,7 @@ impl Llama {
     fn attend(&self, q: &[f32], kv: &HostKv, b: usize, nh: usize, nkv: usize, hd: usize) -> Result<Vec<f32>> {
         let rep = nh / nkv.max(1);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let t = kv.len();
+        let t = kv.kept();
         let p = self.precision();
         let head = |i: usize, out: &mut [f32]| {
             let (bi, hi) = (i / nh, i % nh);
@@ -399,7 +475,7 @@ mod tests {
     #[test]
     fn host_kv_grows_and_keeps_positions() -> Result<()> {
         let (b, heads, d) = (2, 3, 4);
-        let mut kv = HostKv::new(b, heads, d, Precision::F32);
+        let mut kv = HostKv::new(b, heads, d, Precision::F32, None);
         // Value of (batch, head, position, i): distinct for every slot.
         let val = |bi: usize, h: usize, p: usize, i: usize| (((bi * 10 + h) * 1000 + p) * 10 + i) as f32;
         let step = |p0: usize, t: usize| -> Vec<f32> {
@@ -418,7 +494,7 @@ mod tests {
             let s = step(p, 1);
             kv.append(&s, &s, 1)?;
         }
-        assert_eq!(kv.len(), 150);
+        assert_eq!(kv.seen(), 150);
         let (k, v) = kv.tensors(&Device::Cpu)?;
         assert_eq!(k.dims(), &[b, heads, 150, d]);
         assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, step(0, 150));
@@ -436,9 +512,9 @@ mod tests {
         let (b, heads, d, t) = (1, 2, 8, 70);
         for p in [Precision::Bf16, Precision::F16] {
             let vals: Vec<f32> = (0..b * heads * t * d).map(|i| p.round((i as f32 * 0.37).sin() * 3.0)).collect();
-            let mut kv = HostKv::new(b, heads, d, p);
+            let mut kv = HostKv::new(b, heads, d, p, None);
             kv.append(&vals, &vals, t)?;
-            let mut wide = HostKv::new(b, heads, d, Precision::F32);
+            let mut wide = HostKv::new(b, heads, d, Precision::F32, None);
             wide.append(&vals, &vals, t)?;
             assert_eq!(kv.bytes() * 2, wide.bytes());
             let (k, _) = kv.tensors(&Device::Cpu)?;

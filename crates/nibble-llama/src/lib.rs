@@ -1,16 +1,20 @@
-//! `nibble-llama`: the Llama decoder, built from [`QuantLinear`] layers.
+//! `nibble-llama`: the decoder of the Llama family, built from [`QuantLinear`] layers.
 //!
-//! GQA attention with RoPE (default, linear and llama3 scaling), RMSNorm, SiLU MLP, tied or untied
-//! lm_head, a KV cache, and any number of layers, each placed on its own device: hidden states move
-//! at layer boundaries and each layer's cache lives where the layer does. The model never looks at
-//! the weight format; a [`WeightProvider`] builds every linear layer.
+//! GQA attention with RoPE (default, linear and llama3 scaling; whole or partial heads), optional
+//! per-head q/k RMSNorm and sliding windows, biases, fused or separate projections, RMSNorm, SiLU
+//! MLP, tied or untied lm_head, a KV cache, and any number of layers, each placed on its own
+//! device: hidden states move at layer boundaries and each layer's cache lives where the layer
+//! does. What a layer is made of comes from the architecture's description
+//! ([`nibble_load::arch`]) through [`ModelConfig::layer_linears`] and
+//! [`ModelConfig::layer_norms`]; the model wires modules by [`Role`] and never looks at the
+//! weight format: a [`WeightProvider`] builds every linear layer.
 
 mod host;
 mod rope;
 
 use candle_core::{DType, Device, Tensor, D};
 use nibble_core::{Error, Result};
-use nibble_load::LlamaConfig;
+use nibble_load::{ModelConfig, Role};
 use nibble_quant::kernels::Precision;
 use nibble_quant::{DenseLinear, QuantLinear};
 
@@ -40,15 +44,8 @@ impl Placement {
 pub trait WeightProvider {
     /// Builds the linear layer `name` (e.g. `model.layers.0.self_attn.q_proj`) of shape
     /// `[out, in]` from the checkpoint tensor `weight_name` (different from `name.weight` only for a
-    /// tied lm_head), on `device`.
-    fn linear(
-        &mut self,
-        name: &str,
-        weight_name: &str,
-        out_features: usize,
-        in_features: usize,
-        device: &Device,
-    ) -> Result<Box<dyn QuantLinear>>;
+    /// tied lm_head), with the bias `name.bias` when `bias`, on `device`.
+    fn linear(&mut self, name: &str, weight_name: &str, shape: LinearShape, device: &Device) -> Result<Box<dyn QuantLinear>>;
 
     /// Loads a dense tensor (a norm weight, the token embedding) of `shape` on `device`, in the
     /// model dtype.
@@ -59,31 +56,89 @@ pub trait WeightProvider {
     fn quantizes(&self, name: &str) -> bool;
 }
 
-#[derive(Debug)]
-struct Attention {
-    q: Box<dyn QuantLinear>,
-    k: Box<dyn QuantLinear>,
-    v: Box<dyn QuantLinear>,
-    o: Box<dyn QuantLinear>,
+/// The shape of a linear layer a [`WeightProvider`] is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearShape {
+    /// Rows of the weight.
+    pub out_features: usize,
+    /// Columns of the weight.
+    pub in_features: usize,
+    /// Whether the layer has a bias `[out_features]`.
+    pub bias: bool,
 }
 
+/// Query, key and value projections: three matrices, or one whose rows are q, k, v.
 #[derive(Debug)]
-struct Mlp {
-    gate: Box<dyn QuantLinear>,
-    up: Box<dyn QuantLinear>,
-    down: Box<dyn QuantLinear>,
+enum Qkv {
+    Separate { q: Box<dyn QuantLinear>, k: Box<dyn QuantLinear>, v: Box<dyn QuantLinear> },
+    Fused(Box<dyn QuantLinear>),
+}
+
+/// Gate and up projections: two matrices, or one whose first half of rows is the gate.
+#[derive(Debug)]
+enum GateUp {
+    Separate { gate: Box<dyn QuantLinear>, up: Box<dyn QuantLinear> },
+    Fused(Box<dyn QuantLinear>),
+}
+
+/// An RMSNorm weight, with its values widened to f32 once for the host decode step.
+#[derive(Debug)]
+struct Norm {
+    weight: Tensor,
+    host: Vec<f32>,
+}
+
+impl Norm {
+    fn new(weight: Tensor) -> Result<Self> {
+        let host = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1()?;
+        Ok(Self { weight, host })
+    }
 }
 
 #[derive(Debug)]
 struct Layer {
-    attn: Attention,
-    mlp: Mlp,
-    input_norm: Tensor,
-    post_norm: Tensor,
-    /// The two norm weights widened to f32 once, for the host decode step.
-    input_norm_host: Vec<f32>,
-    post_norm_host: Vec<f32>,
+    qkv: Qkv,
+    o: Box<dyn QuantLinear>,
+    gate_up: GateUp,
+    down: Box<dyn QuantLinear>,
+    input_norm: Norm,
+    post_norm: Norm,
+    /// Per-head RMSNorm of queries and keys (Qwen3).
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    /// Attention window (`None`: full causal attention).
+    window: Option<usize>,
     device: Device,
+}
+
+impl Layer {
+    /// The linear layer playing `role`.
+    fn linear(&self, role: Role) -> Option<&dyn QuantLinear> {
+        let l = match (role, &self.qkv, &self.gate_up) {
+            (Role::Q, Qkv::Separate { q, .. }, _) => q,
+            (Role::K, Qkv::Separate { k, .. }, _) => k,
+            (Role::V, Qkv::Separate { v, .. }, _) => v,
+            (Role::Qkv, Qkv::Fused(qkv), _) => qkv,
+            (Role::O, ..) => &self.o,
+            (Role::Gate, _, GateUp::Separate { gate, .. }) => gate,
+            (Role::Up, _, GateUp::Separate { up, .. }) => up,
+            (Role::GateUp, _, GateUp::Fused(gu)) => gu,
+            (Role::Down, ..) => &self.down,
+            _ => return None,
+        };
+        Some(l.as_ref())
+    }
+
+    /// The norm playing `role`.
+    fn norm(&self, role: Role) -> Option<&Norm> {
+        match role {
+            Role::InputNorm => Some(&self.input_norm),
+            Role::PostAttentionNorm => Some(&self.post_norm),
+            Role::QueryNorm => self.q_norm.as_ref(),
+            Role::KeyNorm => self.k_norm.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// Per-layer key/value cache.
@@ -93,28 +148,31 @@ pub struct KvCache {
 }
 
 /// One layer's keys and values: tensors on the layer's device, or host buffers for a CPU layer
-/// computing in f32 (whose decode step appends in place, see `host`).
+/// (whose decode step appends in place, see `host`). A windowed layer keeps only the positions a
+/// later query can still see.
 #[derive(Debug, Clone, Default)]
 enum Slot {
     #[default]
     Empty,
-    Tensors(Tensor, Tensor),
+    /// Keys, values (`[batch, kv_heads, kept, head_dim]`) and the positions seen so far.
+    Tensors(Tensor, Tensor, usize),
     Host(HostKv),
 }
 
 impl Slot {
+    /// Positions seen (not all of them kept under a window).
     fn len(&self) -> usize {
         match self {
             Slot::Empty => 0,
-            Slot::Tensors(k, _) => k.dim(2).unwrap_or(0),
-            Slot::Host(h) => h.len(),
+            Slot::Tensors(.., seen) => *seen,
+            Slot::Host(h) => h.seen(),
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
             Slot::Empty => 0,
-            Slot::Tensors(k, v) => (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes(),
+            Slot::Tensors(k, v, _) => (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes(),
             Slot::Host(h) => h.bytes(),
         }
     }
@@ -126,7 +184,7 @@ impl KvCache {
         Self { layers: vec![Slot::Empty; num_layers] }
     }
 
-    /// Number of positions cached.
+    /// Number of positions processed (a windowed layer keeps only its window of them).
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, Slot::len)
     }
@@ -147,10 +205,10 @@ impl KvCache {
     }
 }
 
-/// A Llama causal language model.
+/// A causal language model of the Llama family.
 #[derive(Debug)]
 pub struct Llama {
-    cfg: LlamaConfig,
+    cfg: ModelConfig,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -167,7 +225,7 @@ pub struct Llama {
 impl Llama {
     /// Builds the model, asking `weights` for every tensor; `dtype` is the model dtype
     /// (transformers' `from_pretrained(dtype=...)`), f32, bf16 or f16.
-    pub fn load(cfg: &LlamaConfig, placement: Placement, dtype: DType, weights: &mut dyn WeightProvider) -> Result<Self> {
+    pub fn load(cfg: &ModelConfig, placement: Placement, dtype: DType, weights: &mut dyn WeightProvider) -> Result<Self> {
         if placement.layers.len() != cfg.num_hidden_layers {
             return Err(Error::InvalidDeviceMap {
                 reason: format!(
@@ -177,35 +235,26 @@ impl Llama {
                 ),
             });
         }
-        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+        let h = cfg.hidden_size;
         if Precision::from_dtype(dtype).is_none() {
             return Err(Error::invalid_argument("dtype", format!("{dtype:?} is not a model dtype; use f32, bf16 or f16")));
         }
         let embed = weights.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h], &placement.embed)?;
+        let (specs, norm_specs) = (cfg.layer_linears(), cfg.layer_norms());
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (i, device) in placement.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, out: usize, inp: usize| {
-                let full = format!("{p}.{name}");
-                weights.linear(&full, &format!("{full}.weight"), out, inp, device)
-            };
-            let attn = Attention {
-                q: lin("self_attn.q_proj", q_out, h)?,
-                k: lin("self_attn.k_proj", kv_out, h)?,
-                v: lin("self_attn.v_proj", kv_out, h)?,
-                o: lin("self_attn.o_proj", h, q_out)?,
-            };
-            let mlp = Mlp {
-                gate: lin("mlp.gate_proj", inter, h)?,
-                up: lin("mlp.up_proj", inter, h)?,
-                down: lin("mlp.down_proj", h, inter)?,
-            };
-            let input_norm = weights.tensor(&format!("{p}.input_layernorm.weight"), &[h], device)?;
-            let post_norm = weights.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], device)?;
-            let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
-            let (input_norm_host, post_norm_host) = (host(&input_norm)?, host(&post_norm)?);
-            layers.push(Layer { attn, mlp, input_norm, post_norm, input_norm_host, post_norm_host, device: device.clone() });
+            let mut linears: Vec<(Role, Box<dyn QuantLinear>)> = Vec::with_capacity(specs.len());
+            for s in &specs {
+                let full = format!("{p}.{}", s.name);
+                let shape = LinearShape { out_features: s.out_features, in_features: s.in_features, bias: s.bias };
+                linears.push((s.role, weights.linear(&full, &format!("{full}.weight"), shape, device)?));
+            }
+            let mut norms: Vec<(Role, Norm)> = Vec::with_capacity(norm_specs.len());
+            for n in &norm_specs {
+                norms.push((n.role, Norm::new(weights.tensor(&format!("{p}.{}.weight", n.name), &[n.len], device)?)?));
+            }
+            layers.push(assemble(cfg, i, linears, norms, device)?);
         }
         let norm = weights.tensor("model.norm.weight", &[h], &placement.head)?;
         // A tied head left unquantized is the embedding itself, as in transformers (one tensor,
@@ -215,7 +264,8 @@ impl Llama {
             Box::new(DenseLinear::new(embed.clone(), None)?)
         } else {
             let head_source = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-            weights.linear("lm_head", head_source, cfg.vocab_size, h, &placement.head)?
+            let shape = LinearShape { out_features: cfg.vocab_size, in_features: h, bias: false };
+            weights.linear("lm_head", head_source, shape, &placement.head)?
         };
         Ok(Self {
             rope: Rope::new(cfg)?,
@@ -231,7 +281,7 @@ impl Llama {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
@@ -255,41 +305,31 @@ impl Llama {
         KvCache::new(self.layers.len())
     }
 
-    /// Bytes of weights held resident (embeddings, norms, every linear with its quant state).
+    /// Bytes of weights held resident (embeddings, norms, every linear with its quant state and
+    /// bias).
     pub fn resident_weight_bytes(&self) -> usize {
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let lin = |l: &dyn QuantLinear| l.resident_bytes();
         let layers: usize = self
-            .layers
+            .linears()
             .iter()
-            .map(|l| {
-                lin(l.attn.q.as_ref())
-                    + lin(l.attn.k.as_ref())
-                    + lin(l.attn.v.as_ref())
-                    + lin(l.attn.o.as_ref())
-                    + lin(l.mlp.gate.as_ref())
-                    + lin(l.mlp.up.as_ref())
-                    + lin(l.mlp.down.as_ref())
-                    + t(&l.input_norm)
-                    + t(&l.post_norm)
-            })
-            .sum();
-        let head = if self.head_shared { 0 } else { lin(self.lm_head.as_ref()) };
+            .filter(|(name, _)| name != "lm_head")
+            .map(|(_, l)| l.resident_bytes())
+            .sum::<usize>()
+            + self.dense_tensors().iter().filter(|(n, _)| n.starts_with("model.layers.")).map(|(_, w)| t(w)).sum::<usize>();
+        let head = if self.head_shared { 0 } else { self.lm_head.resident_bytes() };
         t(&self.embed) + layers + t(&self.norm) + head
     }
 
     /// Every linear layer with its module name, in checkpoint order (for saving).
     pub fn linears(&self) -> Vec<(String, &dyn QuantLinear)> {
+        let desc = self.cfg.description();
         let mut out: Vec<(String, &dyn QuantLinear)> = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), l.attn.q.as_ref()));
-            out.push((format!("{p}.self_attn.k_proj"), l.attn.k.as_ref()));
-            out.push((format!("{p}.self_attn.v_proj"), l.attn.v.as_ref()));
-            out.push((format!("{p}.self_attn.o_proj"), l.attn.o.as_ref()));
-            out.push((format!("{p}.mlp.gate_proj"), l.mlp.gate.as_ref()));
-            out.push((format!("{p}.mlp.up_proj"), l.mlp.up.as_ref()));
-            out.push((format!("{p}.mlp.down_proj"), l.mlp.down.as_ref()));
+            for m in desc.attention.iter().chain(desc.mlp) {
+                if let Some(lin) = l.linear(m.role) {
+                    out.push((format!("model.layers.{i}.{}", m.name), lin));
+                }
+            }
         }
         out.push(("lm_head".to_string(), self.lm_head.as_ref()));
         out
@@ -297,10 +337,14 @@ impl Llama {
 
     /// Every dense tensor (embedding, norms) with its checkpoint name.
     pub fn dense_tensors(&self) -> Vec<(String, &Tensor)> {
+        let desc = self.cfg.description();
         let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
         for (i, l) in self.layers.iter().enumerate() {
-            out.push((format!("model.layers.{i}.input_layernorm.weight"), &l.input_norm));
-            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), &l.post_norm));
+            for m in desc.norms {
+                if let Some(n) = l.norm(m.role) {
+                    out.push((format!("model.layers.{i}.{}.weight", m.name), &n.weight));
+                }
+            }
         }
         out.push(("model.norm.weight".to_string(), &self.norm));
         out
@@ -346,7 +390,6 @@ impl Llama {
             .index_select(&ids.flatten_all()?, 0)?
             .to_dtype(DType::F32)?
             .reshape((b, t, self.cfg.hidden_size))?;
-        let mask = causal_mask(t, offset)?;
         // The position's rotation, shared by every layer that steps on host buffers.
         let rot = if t == 1 { self.rope.cos_sin_host(offset, self.precision()) } else { (Vec::new(), Vec::new()) };
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -359,12 +402,12 @@ impl Llama {
             x = match slot {
                 Slot::Host(kv) if t == 1 => self.layer_step_host(layer, &x, &rot, kv),
                 Slot::Empty if t == 1 && self.host_path(&layer.device) => {
-                    let mut kv = HostKv::new(b, self.cfg.num_key_value_heads, self.cfg.head_dim, self.precision());
+                    let mut kv = HostKv::new(b, self.cfg.num_key_value_heads, self.cfg.head_dim, self.precision(), layer.window);
                     let y = self.layer_step_host(layer, &x, &rot, &mut kv);
                     *slot = Slot::Host(kv);
                     y
                 }
-                _ => self.layer_forward(layer, &x, offset, slot, mask.as_ref()),
+                _ => self.layer_forward(layer, &x, offset, slot),
             }
             .map_err(on_device)?;
         }
@@ -403,31 +446,44 @@ impl Llama {
         self.round(n.broadcast_mul(&w.to_dtype(DType::F32)?)?)
     }
 
-    fn layer_forward(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        offset: usize,
-        cache: &mut Slot,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let h = self.rms_norm(x, &layer.input_norm)?;
-        let attn = self.attention(&layer.attn, &h, offset, cache, mask, &layer.device)?;
+    fn layer_forward(&self, layer: &Layer, x: &Tensor, offset: usize, cache: &mut Slot) -> Result<Tensor> {
+        let h = self.rms_norm(x, &layer.input_norm.weight)?;
+        let attn = self.attention(layer, &h, offset, cache)?;
         let x = self.round((x + attn)?)?;
-        let h = self.rms_norm(&x, &layer.post_norm)?;
-        let gate = self.round(candle_nn::ops::silu(&self.linear(layer.mlp.gate.as_ref(), &h)?)?)?;
-        let up = self.linear(layer.mlp.up.as_ref(), &h)?;
-        let mlp = self.linear(layer.mlp.down.as_ref(), &self.round((gate * up)?)?)?;
+        let h = self.rms_norm(&x, &layer.post_norm.weight)?;
+        let (gate, up) = match &layer.gate_up {
+            GateUp::Separate { gate, up } => (self.linear(gate.as_ref(), &h)?, self.linear(up.as_ref(), &h)?),
+            GateUp::Fused(gu) => {
+                // `chunk(2, dim=-1)`: the gate is the first half.
+                let both = self.linear(gu.as_ref(), &h)?;
+                let inter = self.cfg.intermediate_size;
+                (both.narrow(D::Minus1, 0, inter)?, both.narrow(D::Minus1, inter, inter)?)
+            }
+        };
+        let gate = self.round(candle_nn::ops::silu(&gate.contiguous()?)?)?;
+        let mlp = self.linear(layer.down.as_ref(), &self.round((gate * up.contiguous()?)?)?)?;
         self.round((x + mlp)?)
     }
 
-    /// Rotate-half RoPE as transformers applies it: `q * cos + rotate_half(q) * sin`, with cos and
-    /// sin in the model dtype and each product and the sum rounded to it (f32: candle's fused op).
+    /// Rotate-half RoPE as transformers applies it to the first `rotary_dim` dimensions of each
+    /// head (the rest pass through): `q * cos + rotate_half(q) * sin`, with cos and sin in the
+    /// model dtype and each product and the sum rounded to it (f32: candle's fused op).
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let rd = self.cfg.rotary_dim;
+        if rd < self.cfg.head_dim {
+            let rotated = self.rope_whole(&x.narrow(D::Minus1, 0, rd)?.contiguous()?, cos, sin)?;
+            let pass = x.narrow(D::Minus1, rd, self.cfg.head_dim - rd)?;
+            return Ok(Tensor::cat(&[&rotated, &pass], D::Minus1)?.contiguous()?);
+        }
+        self.rope_whole(x, cos, sin)
+    }
+
+    /// [`Llama::rope`] of tensors whose last dimension is all rotated.
+    fn rope_whole(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         if self.dtype == DType::F32 {
             return Ok(candle_nn::rotary_emb::rope(x, cos, sin)?);
         }
-        let half = self.cfg.head_dim / 2;
+        let half = x.dim(D::Minus1)? / 2;
         let (cos, sin) = (Tensor::cat(&[cos, cos], D::Minus1)?, Tensor::cat(&[sin, sin], D::Minus1)?);
         let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
         let a = self.round(x.broadcast_mul(&cos)?)?;
@@ -435,26 +491,41 @@ impl Llama {
         self.round((a + b)?)
     }
 
-    fn attention(
-        &self,
-        a: &Attention,
-        x: &Tensor,
-        offset: usize,
-        cache: &mut Slot,
-        mask: Option<&Tensor>,
-        device: &Device,
-    ) -> Result<Tensor> {
+    /// The q, k and v projections of `x` (`[batch, t, hidden]`), each `[batch, t, width]`.
+    fn project_qkv(&self, layer: &Layer, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match &layer.qkv {
+            Qkv::Separate { q, k, v } => Ok((self.linear(q.as_ref(), x)?, self.linear(k.as_ref(), x)?, self.linear(v.as_ref(), x)?)),
+            Qkv::Fused(qkv) => {
+                let all = self.linear(qkv.as_ref(), x)?;
+                let (qw, kw) = (self.cfg.q_width(), self.cfg.kv_width());
+                Ok((all.narrow(D::Minus1, 0, qw)?, all.narrow(D::Minus1, qw, kw)?, all.narrow(D::Minus1, qw + kw, kw)?))
+            }
+        }
+    }
+
+    fn attention(&self, layer: &Layer, x: &Tensor, offset: usize, cache: &mut Slot) -> Result<Tensor> {
+        let device = &layer.device;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let heads = |l: &dyn QuantLinear, n: usize| -> Result<Tensor> {
-            Ok(self.linear(l, x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        let (q, k, v) = self.project_qkv(layer, x)?;
+        // `[b, t, width]` -> `[b, heads, t, head_dim]`, through the per-head norm where there is one.
+        let heads = |y: Tensor, n: usize, norm: Option<&Norm>| -> Result<Tensor> {
+            let y = y.contiguous()?.reshape((b, t, n, hd))?;
+            let y = match norm {
+                Some(w) => self.rms_norm(&y, &w.weight)?,
+                None => y,
+            };
+            Ok(y.transpose(1, 2)?.contiguous()?)
         };
-        let (q, k, v) = (heads(a.q.as_ref(), nh)?, heads(a.k.as_ref(), nkv)?, heads(a.v.as_ref(), nkv)?);
+        let q = heads(q, nh, layer.q_norm.as_ref())?;
+        let k = heads(k, nkv, layer.k_norm.as_ref())?;
+        let v = heads(v, nkv, None)?;
         let (cos, sin) = self.rope.cos_sin(offset, t, self.dtype, device)?;
         let (cos, sin) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
         let q = self.rope(&q, &cos, &sin)?;
         let k = self.rope(&k, &cos, &sin)?;
-        let (k, v) = self.extend_cache(cache, k, v, device)?;
+        let (k, v) = self.extend_cache(cache, k, v, layer.window, device)?;
+        let mask = causal_mask(t, offset, k.dim(2)?, layer.window)?;
         let rep = nh / nkv;
         let k = repeat_kv(&k, rep)?;
         let v = repeat_kv(&v, rep)?;
@@ -471,39 +542,99 @@ impl Llama {
         let sum = e.sum_keepdim(D::Minus1)?;
         let out = self.round(e.clone())?.matmul(&v)?.broadcast_div(&sum)?;
         let out = self.round(out)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.linear(a.o.as_ref(), &out)
+        self.linear(layer.o.as_ref(), &out)
     }
 }
 
 impl Llama {
     /// Appends this step's keys and values (`[batch, kv_heads, t, head_dim]`) to `cache` and
-    /// returns all of them. A CPU layer keeps host buffers, so its later decode steps append in
-    /// place; other layers keep tensors on their device.
-    fn extend_cache(&self, cache: &mut Slot, k: Tensor, v: Tensor, device: &Device) -> Result<(Tensor, Tensor)> {
+    /// returns every position the step's queries may see: the cached ones, then these. A CPU
+    /// layer keeps host buffers, so its later decode steps append in place; other layers keep
+    /// tensors on their device. A windowed layer keeps the last `window - 1` positions, as
+    /// transformers' sliding-window cache does (the next query sees those and itself).
+    fn extend_cache(
+        &self,
+        cache: &mut Slot,
+        k: Tensor,
+        v: Tensor,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let keep = |x: &Tensor| -> Result<Tensor> {
+            let n = x.dim(2)?;
+            match window {
+                Some(w) if n >= w => Ok(x.narrow(2, n + 1 - w, w - 1)?.contiguous()?),
+                _ => Ok(x.clone()),
+            }
+        };
         match std::mem::take(cache) {
-            Slot::Tensors(pk, pv) => {
+            Slot::Tensors(pk, pv, seen) => {
                 let (k, v) = (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?);
-                *cache = Slot::Tensors(k.clone(), v.clone());
+                *cache = Slot::Tensors(keep(&k)?, keep(&v)?, seen + t);
                 Ok((k, v))
             }
             Slot::Empty if !self.host_path(device) => {
-                *cache = Slot::Tensors(k.clone(), v.clone());
+                *cache = Slot::Tensors(keep(&k)?, keep(&v)?, t);
                 Ok((k, v))
             }
             slot => {
-                let (b, heads, t, d) = k.dims4()?;
+                let (b, heads, _, d) = k.dims4()?;
                 let mut kv = match slot {
                     Slot::Host(kv) => kv,
-                    _ => HostKv::new(b, heads, d, self.precision()),
+                    _ => HostKv::new(b, heads, d, self.precision(), window),
+                };
+                // The cached positions are read before the append: under a window the buffer
+                // only has room for the window, and this step's early queries see older keys.
+                let all = if kv.kept() == 0 {
+                    (k.clone(), v.clone())
+                } else {
+                    let (pk, pv) = kv.tensors(device)?;
+                    (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
                 };
                 let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
                 kv.append(&flat(&k)?, &flat(&v)?, t)?;
-                let all = kv.tensors(device)?;
                 *cache = Slot::Host(kv);
                 Ok(all)
             }
         }
     }
+}
+
+/// Wires one decoder layer from its linears and norms by role; a description that lacks a role
+/// the model needs is an error naming the layer.
+fn assemble(
+    cfg: &ModelConfig,
+    index: usize,
+    linears: Vec<(Role, Box<dyn QuantLinear>)>,
+    norms: Vec<(Role, Norm)>,
+    device: &Device,
+) -> Result<Layer> {
+    let mut lin: std::collections::HashMap<Role, Box<dyn QuantLinear>> = linears.into_iter().collect();
+    let mut nrm: std::collections::HashMap<Role, Norm> = norms.into_iter().collect();
+    let missing = |what: &str| Error::invalid_argument("architecture", format!("layer {index} has no {what}"));
+    let qkv = match (lin.remove(&Role::Qkv), lin.remove(&Role::Q), lin.remove(&Role::K), lin.remove(&Role::V)) {
+        (Some(f), None, None, None) => Qkv::Fused(f),
+        (None, Some(q), Some(k), Some(v)) => Qkv::Separate { q, k, v },
+        _ => return Err(missing("q/k/v projections (separate or fused)")),
+    };
+    let gate_up = match (lin.remove(&Role::GateUp), lin.remove(&Role::Gate), lin.remove(&Role::Up)) {
+        (Some(f), None, None) => GateUp::Fused(f),
+        (None, Some(gate), Some(up)) => GateUp::Separate { gate, up },
+        _ => return Err(missing("gate/up projections (separate or fused)")),
+    };
+    Ok(Layer {
+        qkv,
+        o: lin.remove(&Role::O).ok_or_else(|| missing("o_proj"))?,
+        gate_up,
+        down: lin.remove(&Role::Down).ok_or_else(|| missing("down_proj"))?,
+        input_norm: nrm.remove(&Role::InputNorm).ok_or_else(|| missing("input_layernorm"))?,
+        post_norm: nrm.remove(&Role::PostAttentionNorm).ok_or_else(|| missing("post_attention_layernorm"))?,
+        q_norm: nrm.remove(&Role::QueryNorm),
+        k_norm: nrm.remove(&Role::KeyNorm),
+        window: cfg.window(index),
+        device: device.clone(),
+    })
 }
 
 /// `cpu`, `cuda:N`, `metal:N`: the spelling device maps use.
@@ -515,16 +646,22 @@ fn device_name(d: &Device) -> String {
     }
 }
 
-/// Additive mask `[t, offset + t]`: query `i` sees keys up to position `offset + i`.
-fn causal_mask(t: usize, offset: usize) -> Result<Option<Tensor>> {
-    if t == 1 {
+/// Additive mask `[t, kv_len]` for queries at positions `offset..offset + t` over the last
+/// `kv_len` positions (ending at `offset + t`): a query sees keys up to its own position, and
+/// under a window `w` only those within `w - 1` positions before it (transformers'
+/// `kv_idx > q_idx - sliding_window`). `None` when nothing is masked.
+fn causal_mask(t: usize, offset: usize, kv_len: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+    let end = offset + t;
+    let first = end.checked_sub(kv_len).ok_or_else(|| Error::invalid_argument("kv cache", "holds more positions than were seen"))?;
+    let visible = |q: usize, key: usize| key <= q && window.is_none_or(|w| key + w > q);
+    let masked = (0..t).any(|i| (first..end).any(|j| !visible(offset + i, j)));
+    if !masked {
         return Ok(None);
     }
-    let total = offset + t;
     let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| (first..end).map(move |j| if visible(offset + i, j) { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Ok(Some(Tensor::from_vec(data, (t, total), &Device::Cpu)?))
+    Ok(Some(Tensor::from_vec(data, (t, kv_len), &Device::Cpu)?))
 }
 
 /// Repeats each key/value head `n` times so GQA heads line up with query heads.

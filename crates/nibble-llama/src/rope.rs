@@ -3,7 +3,7 @@
 use nibble_quant::kernels::Precision;
 use candle_core::{DType, Device, Tensor};
 use nibble_core::Result;
-use nibble_load::{LlamaConfig, RopeScaling};
+use nibble_load::{ModelConfig, RopeScaling};
 
 /// Inverse frequencies; cos/sin tables are made per forward for just the positions it needs, so
 /// a 128k-context model costs nothing until it is used at that length.
@@ -14,8 +14,8 @@ pub struct Rope {
 
 impl Rope {
     /// Frequencies for `cfg` (default, linear or llama3 scaling).
-    pub fn new(cfg: &LlamaConfig) -> Result<Self> {
-        let dim = cfg.head_dim;
+    pub fn new(cfg: &ModelConfig) -> Result<Self> {
+        let dim = cfg.rotary_dim;
         let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / dim as f64)).collect();
         let scaled: Vec<f64> = match cfg.rope_scaling {
             RopeScaling::Default => base,

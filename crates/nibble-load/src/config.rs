@@ -1,5 +1,5 @@
-//! `config.json` for Llama-family models, in the transformers 4.x layout (`rope_theta`,
-//! `rope_scaling`, `torch_dtype`) and the 5.x layout (`rope_parameters`, `dtype`).
+//! `config.json` for the Llama family (see [`crate::arch`]), in the transformers 4.x layout
+//! (`rope_theta`, `rope_scaling`, `torch_dtype`) and the 5.x layout (`rope_parameters`, `dtype`).
 //!
 //! Every field that changes the math is either understood or refused: a silently ignored
 //! `rope_scaling` would give a model that loads and then talks nonsense at long context.
@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use nibble_core::{Error, Result};
 use serde_json::{Map, Value};
+
+use crate::arch::{self, Arch, Biases, Common, Fields, Role};
 
 /// How rotary position frequencies are scaled.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,11 +34,13 @@ pub enum RopeScaling {
     },
 }
 
-/// A checked Llama configuration.
+/// A checked configuration of a Llama-family model.
 #[derive(Debug, Clone)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
     /// The config file it was read from (for error messages).
     pub path: PathBuf,
+    /// The architecture.
+    pub arch: Arch,
     /// Model width.
     pub hidden_size: usize,
     /// MLP width.
@@ -49,6 +53,9 @@ pub struct LlamaConfig {
     pub num_key_value_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// Leading dimensions of each head that RoPE rotates (all of them but for Phi-3's
+    /// `partial_rotary_factor`); even.
+    pub rotary_dim: usize,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// RMSNorm epsilon.
@@ -61,6 +68,11 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     /// Whether lm_head shares the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Which linears carry biases.
+    pub biases: Biases,
+    /// Each layer's attention window: a query sees itself and the `window - 1` positions before
+    /// it; `None` is full causal attention.
+    pub layer_windows: Vec<Option<usize>>,
     /// The dtype the checkpoint was saved in (`dtype` / `torch_dtype`), when given.
     pub dtype: Option<String>,
     /// bos id from config.json, when given.
@@ -71,52 +83,38 @@ pub struct LlamaConfig {
     pub quantization_config: Option<Value>,
 }
 
+/// A linear layer of a decoder layer, with its shape for one configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearSpec {
+    /// What it computes.
+    pub role: Role,
+    /// Hugging Face name inside `model.layers.N`.
+    pub name: &'static str,
+    /// llama.cpp name inside `blk.N`.
+    pub gguf: &'static str,
+    /// Rows of the weight.
+    pub out_features: usize,
+    /// Columns of the weight.
+    pub in_features: usize,
+    /// Whether it has a bias `[out_features]`.
+    pub bias: bool,
+}
+
+/// A norm of a decoder layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormSpec {
+    /// What it normalizes.
+    pub role: Role,
+    /// Hugging Face name inside `model.layers.N`.
+    pub name: &'static str,
+    /// llama.cpp name inside `blk.N`.
+    pub gguf: &'static str,
+    /// Length of its weight (the hidden size, or the head size for q/k norms).
+    pub len: usize,
+}
+
 fn invalid(path: &Path, field: &str, reason: impl Into<String>) -> Error {
     Error::InvalidConfig { path: path.to_path_buf(), field: field.into(), reason: reason.into() }
-}
-
-fn unsupported(path: &Path, field: &str, value: &Value, hint: impl Into<String>) -> Error {
-    Error::UnsupportedConfig {
-        path: path.to_path_buf(),
-        field: field.into(),
-        value: value.to_string(),
-        hint: hint.into(),
-    }
-}
-
-fn req_usize(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<usize> {
-    let v = obj.get(key).ok_or_else(|| invalid(path, key, "missing; a Llama config needs it"))?;
-    let n = v.as_u64().ok_or_else(|| invalid(path, key, format!("{v} is not a non-negative integer")))?;
-    let n = usize::try_from(n).map_err(|_| invalid(path, key, format!("{n} is too large")))?;
-    if n == 0 {
-        return Err(invalid(path, key, "must be at least 1"));
-    }
-    Ok(n)
-}
-
-fn opt_usize(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<Option<usize>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(_) => req_usize(obj, path, key).map(Some),
-    }
-}
-
-fn opt_f64(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<Option<f64>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_f64() {
-            Some(x) if x.is_finite() => Ok(Some(x)),
-            _ => Err(invalid(path, key, format!("{v} is not a finite number"))),
-        },
-    }
-}
-
-fn opt_bool(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<Option<bool>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(v) => Err(invalid(path, key, format!("{v} is not true or false"))),
-    }
 }
 
 fn token_ids(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<Vec<u32>> {
@@ -137,18 +135,7 @@ pub fn read_token_ids(obj: &Map<String, Value>, path: &Path, key: &str) -> Resul
     token_ids(obj, path, key)
 }
 
-/// Fields that change the math of other architectures; a Llama config carrying them with a
-/// non-neutral value was not written for this implementation.
-const FOREIGN_MATH_FIELDS: [&str; 6] = [
-    "sliding_window",
-    "attn_logit_softcapping",
-    "final_logit_softcapping",
-    "query_pre_attn_scalar",
-    "qk_layernorm",
-    "use_qk_norm",
-];
-
-impl LlamaConfig {
+impl ModelConfig {
     /// Reads and checks a config.json file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -160,51 +147,43 @@ impl LlamaConfig {
     /// Checks a parsed config.json; `path` is used in error messages.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let obj = v.as_object().ok_or_else(|| invalid(path, "<root>", "config.json must be a JSON object"))?;
-        check_architecture(obj, path)?;
+        let desc = find_architecture(obj, path)?;
+        let f = Fields { obj, path };
+        let defaults = desc.defaults;
 
-        let hidden_size = req_usize(obj, path, "hidden_size")?;
-        let num_attention_heads = req_usize(obj, path, "num_attention_heads")?;
-        let num_key_value_heads = opt_usize(obj, path, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let hidden_size = f.req_usize("hidden_size")?;
+        let num_attention_heads = f.req_usize("num_attention_heads")?;
+        let num_key_value_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
         if num_attention_heads % num_key_value_heads != 0 {
-            return Err(invalid(
-                path,
+            return Err(f.invalid(
                 "num_key_value_heads",
                 format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
             ));
         }
-        let head_dim = match opt_usize(obj, path, "head_dim")? {
-            Some(d) => d,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
-                return Err(invalid(path, "head_dim", "missing, and hidden_size is not a multiple of num_attention_heads"))
+        let head_dim = match (f.opt_usize("head_dim")?, defaults.head_dim) {
+            (Some(d), _) | (None, Some(d)) => d,
+            (None, None) if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            (None, None) => {
+                return Err(f.invalid(
+                    "head_dim",
+                    format!(
+                        "missing, and hidden_size = {hidden_size} is not a multiple of num_attention_heads = {num_attention_heads}"
+                    ),
+                ))
             }
         };
         if head_dim % 2 != 0 {
-            return Err(invalid(path, "head_dim", format!("{head_dim} must be even for rotary embeddings")));
+            return Err(f.invalid("head_dim", format!("{head_dim} must be even for rotary embeddings")));
         }
-
         if let Some(act) = obj.get("hidden_act").or_else(|| obj.get("hidden_activation")) {
             if act.as_str() != Some("silu") {
-                return Err(unsupported(path, "hidden_act", act, "Llama models use \"silu\""));
+                return Err(f.unsupported("hidden_act", act, "the Llama family uses \"silu\""));
             }
         }
-        for key in ["attention_bias", "mlp_bias"] {
-            if opt_bool(obj, path, key)? == Some(true) {
-                return Err(unsupported(path, key, &Value::Bool(true), "nibble implements Llama without biases"));
-            }
-        }
-        for key in FOREIGN_MATH_FIELDS {
-            if let Some(val) = obj.get(key) {
-                if !val.is_null() && val != &Value::Bool(false) {
-                    return Err(unsupported(path, key, val, "this field belongs to another architecture than Llama"));
-                }
-            }
-        }
-        if let Some(p) = opt_f64(obj, path, "partial_rotary_factor")? {
-            if p != 1.0 {
-                return Err(unsupported(path, "partial_rotary_factor", &serde_json::json!(p), "Llama rotates the whole head (1.0)"));
-            }
-        }
+        let num_hidden_layers = f.req_usize("num_hidden_layers")?;
+        let specifics = (desc.read)(&f, &Common { num_hidden_layers, head_dim })?;
+        // `int(head_dim * partial_rotary_factor)`; the reader checked it is even and at least 2.
+        let rotary_dim = ((head_dim as f64) * specifics.partial_rotary_factor).floor() as usize;
 
         let (rope_theta, rope_scaling) = parse_rope(obj, path)?;
         let dtype = obj
@@ -215,43 +194,180 @@ impl LlamaConfig {
 
         Ok(Self {
             path: path.to_path_buf(),
+            arch: desc.arch,
             hidden_size,
-            intermediate_size: req_usize(obj, path, "intermediate_size")?,
-            num_hidden_layers: req_usize(obj, path, "num_hidden_layers")?,
+            intermediate_size: f.req_usize("intermediate_size")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            vocab_size: req_usize(obj, path, "vocab_size")?,
-            rms_norm_eps: opt_f64(obj, path, "rms_norm_eps")?.unwrap_or(1e-6),
+            rotary_dim,
+            vocab_size: f.req_usize("vocab_size")?,
+            rms_norm_eps: f.opt_f64("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: opt_usize(obj, path, "max_position_embeddings")?.unwrap_or(2048),
-            tie_word_embeddings: opt_bool(obj, path, "tie_word_embeddings")?.unwrap_or(false),
+            max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(defaults.max_position_embeddings),
+            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            biases: specifics.biases,
+            layer_windows: specifics.layer_windows,
             dtype,
             bos_token_id: token_ids(obj, path, "bos_token_id")?.first().copied(),
             eos_token_ids: token_ids(obj, path, "eos_token_id")?,
             quantization_config: obj.get("quantization_config").filter(|q| !q.is_null()).cloned(),
         })
     }
+
+    /// A transformers `config.json` for this configuration (4.x field names, which 5.x reads
+    /// too), with weights stored as `dtype` (`"bfloat16"`): what an imported GGUF folder holds.
+    pub fn to_hf_json(&self, dtype: &str) -> Value {
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::Default => Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => Value::from(*one),
+            many => Value::from(many.to_vec()),
+        };
+        let d = self.description();
+        let mut v = serde_json::json!({
+            "architectures": [d.class],
+            "model_type": d.model_type,
+            "attention_dropout": 0.0,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.num_key_value_heads,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_scaling": rope_scaling,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": dtype,
+            "use_cache": true,
+            "vocab_size": self.vocab_size,
+        });
+        if let Some(obj) = v.as_object_mut() {
+            (d.write)(self, obj);
+        }
+        v
+    }
+
+    /// The architecture's description.
+    pub fn description(&self) -> &'static arch::Description {
+        self.arch.description()
+    }
+
+    /// Width of the query projection (`num_attention_heads * head_dim`).
+    pub fn q_width(&self) -> usize {
+        self.num_attention_heads.saturating_mul(self.head_dim)
+    }
+
+    /// Width of the key (and the value) projection (`num_key_value_heads * head_dim`).
+    pub fn kv_width(&self) -> usize {
+        self.num_key_value_heads.saturating_mul(self.head_dim)
+    }
+
+    /// The linear layers of every decoder layer, in checkpoint order, with their shapes.
+    pub fn layer_linears(&self) -> Vec<LinearSpec> {
+        let (h, inter, q, kv) = (self.hidden_size, self.intermediate_size, self.q_width(), self.kv_width());
+        let d = self.description();
+        d.attention
+            .iter()
+            .chain(d.mlp)
+            .map(|m| {
+                let (out, inp, bias) = match m.role {
+                    Role::Q => (q, h, self.biases.qkv),
+                    Role::K | Role::V => (kv, h, self.biases.qkv),
+                    Role::Qkv => (q.saturating_add(kv.saturating_mul(2)), h, self.biases.qkv),
+                    Role::O => (h, q, self.biases.o),
+                    Role::Gate | Role::Up => (inter, h, self.biases.mlp),
+                    Role::GateUp => (inter.saturating_mul(2), h, self.biases.mlp),
+                    Role::Down => (h, inter, self.biases.mlp),
+                    // Norms are not linears; descriptions list them apart.
+                    _ => (0, 0, false),
+                };
+                LinearSpec { role: m.role, name: m.name, gguf: m.gguf, out_features: out, in_features: inp, bias }
+            })
+            .collect()
+    }
+
+    /// The norms of every decoder layer.
+    pub fn layer_norms(&self) -> Vec<NormSpec> {
+        self.description()
+            .norms
+            .iter()
+            .map(|m| {
+                let len = if matches!(m.role, Role::QueryNorm | Role::KeyNorm) { self.head_dim } else { self.hidden_size };
+                NormSpec { role: m.role, name: m.name, gguf: m.gguf, len }
+            })
+            .collect()
+    }
+
+    /// The attention window of layer `i` (`None`: full attention).
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.layer_windows.get(layer).copied().flatten()
+    }
+
+    /// Every tensor of the Hugging Face checkpoint this configuration describes, with its shape
+    /// (`[out, in]` for linear weights); `lm_head.weight` only when the embeddings are not tied.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let (linears, norms) = (self.layer_linears(), self.layer_norms());
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for n in &norms {
+                out.push((format!("{p}.{}.weight", n.name), vec![n.len]));
+            }
+            for l in &linears {
+                out.push((format!("{p}.{}.weight", l.name), vec![l.out_features, l.in_features]));
+                if l.bias {
+                    out.push((format!("{p}.{}.bias", l.name), vec![l.out_features]));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        out
+    }
 }
 
-fn check_architecture(obj: &Map<String, Value>, path: &Path) -> Result<()> {
+/// The architecture config.json names (`architectures`, else `model_type`).
+fn find_architecture(obj: &Map<String, Value>, path: &Path) -> Result<&'static arch::Description> {
     let archs: Vec<&str> = obj
         .get("architectures")
         .and_then(|a| a.as_array())
         .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
         .unwrap_or_default();
     let model_type = obj.get("model_type").and_then(|m| m.as_str());
-    let arch_ok = archs.is_empty() || archs.contains(&"LlamaForCausalLM");
-    let type_ok = model_type.is_none_or(|t| t == "llama");
     if archs.is_empty() && model_type.is_none() {
         return Err(invalid(path, "architectures", "neither `architectures` nor `model_type` is given"));
     }
-    if !arch_ok || !type_ok {
-        let found = archs.first().map(|s| s.to_string()).or(model_type.map(str::to_string)).unwrap_or_default();
-        return Err(Error::UnsupportedArchitecture { path: path.to_path_buf(), architecture: found });
+    let desc = arch::by_class_or_type(&archs, model_type);
+    match desc {
+        // A class and a model_type that disagree (a Llama class with `model_type: gpt2`) are refused.
+        Some(d) if model_type.is_none_or(|t| t == d.model_type) => Ok(d),
+        _ => {
+            let found = archs.first().map(|s| s.to_string()).or(model_type.map(str::to_string)).unwrap_or_default();
+            Err(Error::UnsupportedArchitecture { path: path.to_path_buf(), architecture: found })
+        }
     }
-    Ok(())
 }
 
 /// RoPE base and scaling from `rope_parameters` (5.x) or `rope_theta` + `rope_scaling` (4.x).
@@ -265,11 +381,11 @@ fn parse_rope(obj: &Map<String, Value>, path: &Path) -> Result<(f64, RopeScaling
         },
         Some(v) => return Err(invalid(path, "rope_parameters", format!("{v} must be an object"))),
     };
-    let top_theta = opt_f64(obj, path, "rope_theta")?;
+    let top_theta = Fields { obj, path }.opt_f64("rope_theta")?;
     let Some((field, p)) = params else {
         return Ok((top_theta.unwrap_or(10000.0), RopeScaling::Default));
     };
-    let theta = opt_f64(p, path, "rope_theta")?.or(top_theta).unwrap_or(10000.0);
+    let theta = Fields { obj: p, path }.opt_f64("rope_theta")?.or(top_theta).unwrap_or(10000.0);
     let kind_value = p.get("rope_type").or_else(|| p.get("type")).cloned().unwrap_or(Value::String("default".into()));
     let kind = kind_value.as_str().unwrap_or("");
     let num = |key: &str| -> Result<f64> {
@@ -288,8 +404,7 @@ fn parse_rope(obj: &Map<String, Value>, path: &Path) -> Result<(f64, RopeScaling
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
         _ => {
-            return Err(unsupported(
-                path,
+            return Err(Fields { obj, path }.unsupported(
                 &format!("{field}.rope_type"),
                 &kind_value,
                 "nibble implements rope types \"default\", \"linear\" and \"llama3\"",
@@ -320,7 +435,7 @@ mod tests {
         v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
         v["eos_token_id"] = json!([128001, 128008]);
-        let c = LlamaConfig::from_json(&v, Path::new("config.json")).unwrap();
+        let c = ModelConfig::from_json(&v, Path::new("config.json")).unwrap();
         assert_eq!(c.rope_theta, 500000.0);
         assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
         assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
@@ -333,7 +448,7 @@ mod tests {
         let mut v = base();
         v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1234.0});
         v["dtype"] = json!("float32");
-        let c = LlamaConfig::from_json(&v, Path::new("config.json")).unwrap();
+        let c = ModelConfig::from_json(&v, Path::new("config.json")).unwrap();
         assert_eq!(c.rope_theta, 1234.0);
         assert_eq!(c.rope_scaling, RopeScaling::Default);
     }
@@ -343,21 +458,21 @@ mod tests {
         let mut v = base();
         v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
         assert!(matches!(
-            LlamaConfig::from_json(&v, Path::new("c")),
+            ModelConfig::from_json(&v, Path::new("c")),
             Err(Error::UnsupportedConfig { ref field, .. }) if field == "rope_scaling.rope_type"
         ));
         let mut v = base();
         v["hidden_act"] = json!("gelu");
-        assert!(matches!(LlamaConfig::from_json(&v, Path::new("c")), Err(Error::UnsupportedConfig { .. })));
+        assert!(matches!(ModelConfig::from_json(&v, Path::new("c")), Err(Error::UnsupportedConfig { .. })));
         let mut v = base();
         v["architectures"] = json!(["GPT2LMHeadModel"]);
         v["model_type"] = json!("gpt2");
-        assert!(matches!(LlamaConfig::from_json(&v, Path::new("c")), Err(Error::UnsupportedArchitecture { .. })));
+        assert!(matches!(ModelConfig::from_json(&v, Path::new("c")), Err(Error::UnsupportedArchitecture { .. })));
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
-        assert!(matches!(LlamaConfig::from_json(&v, Path::new("c")), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(ModelConfig::from_json(&v, Path::new("c")), Err(Error::InvalidConfig { .. })));
         let mut v = base();
         v["sliding_window"] = json!(4096);
-        assert!(matches!(LlamaConfig::from_json(&v, Path::new("c")), Err(Error::UnsupportedConfig { .. })));
+        assert!(matches!(ModelConfig::from_json(&v, Path::new("c")), Err(Error::UnsupportedConfig { .. })));
     }
 }

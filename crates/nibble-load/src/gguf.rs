@@ -4,7 +4,7 @@
 //! only), every tensor's name (each must have a Hugging Face Llama counterpart) and every tensor's
 //! extent (a truncated file is refused before any weight is read). Afterwards it yields:
 //!
-//! - the [`LlamaConfig`] built from the `llama.*` metadata ([`GgufFile::config`]);
+//! - the [`ModelConfig`] built from the `llama.*` metadata ([`GgufFile::config`]);
 //! - each weight under its Hugging Face name, dequantized, with Q and K un-permuted from
 //!   llama.cpp's rotary layout back to the Hugging Face one, and rounded to bf16
 //!   ([`GgufFile::tensor_bf16`]);
@@ -24,17 +24,15 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use nibble_core::{Error, Result};
 
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::arch;
+use crate::config::{ModelConfig, RopeScaling};
 
 /// The GGUF magic, `GGUF` in file order.
 const MAGIC: &[u8; 4] = b"GGUF";
 
-/// The architecture nibble implements (`general.architecture`).
-pub const ARCHITECTURE: &str = "llama";
-
-/// The Hugging Face name of a GGUF tensor name of the `llama` architecture, or `None` when the
-/// tensor has no counterpart in a Hugging Face Llama.
-pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+/// The Hugging Face name of a GGUF tensor name of the architecture `desc`, or `None` when the
+/// tensor has no counterpart in the Hugging Face model.
+pub fn hf_tensor_name(desc: &arch::Description, gguf_name: &str) -> Option<String> {
     let fixed = match gguf_name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -50,24 +48,17 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
     if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
+    let (module, kind) = part.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    Some(format!("model.layers.{layer}.{}.{kind}", desc.hf_module(module)?))
 }
 
-/// An opened, checked GGUF file of the `llama` architecture.
+/// An opened, checked GGUF file of an architecture nibble implements.
 pub struct GgufFile {
     path: PathBuf,
+    desc: &'static arch::Description,
     mmap: Mmap,
     content: Content,
     /// `(hf_name, gguf_name)` for every tensor, sorted by Hugging Face name.
@@ -109,6 +100,11 @@ fn round_to_bf16(t: &Tensor) -> Result<Tensor> {
 /// each head again holds its first half then its second half, as Hugging Face's `rotate_half`
 /// expects.
 fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    if w.rank() == 1 {
+        // A bias: the same permutation of its rows.
+        let out = w.dim(0)?;
+        return Ok(unpermute(&w.reshape((out, 1))?, n_head)?.reshape(out)?);
+    }
     let (out, inp) = w.dims2()?;
     let head_dim = out / n_head;
     Ok(w.reshape((n_head, head_dim / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
@@ -143,9 +139,9 @@ impl GgufFile {
             Some(_) => return Err(invalid(&path, "general.architecture", "is not a string")),
             None => return Err(invalid(&path, "general.architecture", "missing; every GGUF model names its architecture")),
         };
-        if arch != ARCHITECTURE {
+        let Some(desc) = arch::by_gguf(&arch) else {
             return Err(Error::UnsupportedArchitecture { path, architecture: arch });
-        }
+        };
 
         let mut names = Vec::with_capacity(content.tensor_infos.len());
         for (name, info) in &content.tensor_infos {
@@ -160,7 +156,7 @@ impl GgufFile {
                     "truncated: tensor `{name}` ends at byte {end} but the file has only {len} bytes"
                 )));
             }
-            let hf = match hf_tensor_name(name) {
+            let hf = match hf_tensor_name(desc, name) {
                 Some(hf) => hf,
                 None if name == "rope_freqs.weight" => {
                     return Err(Error::UnsupportedConfig {
@@ -174,15 +170,26 @@ impl GgufFile {
                 }
                 None => {
                     return Err(corrupt(format!(
-                        "tensor `{name}` has no counterpart in a Hugging Face Llama; \
-                         nibble will not load a model with weights it would ignore"
+                        "tensor `{name}` has no counterpart in a Hugging Face {}; \
+                         nibble will not load a model with weights it would ignore",
+                        desc.class
                     )))
                 }
             };
             names.push((hf, name.clone()));
         }
         names.sort();
-        Ok(Self { path, mmap, content, names })
+        Ok(Self { path, desc, mmap, content, names })
+    }
+
+    /// The architecture's description.
+    pub fn description(&self) -> &'static arch::Description {
+        self.desc
+    }
+
+    /// The metadata key `<architecture>.<key>` (`qwen2.block_count`).
+    fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.desc.gguf.unwrap_or("llama"))
     }
 
     /// The file.
@@ -290,65 +297,73 @@ impl GgufFile {
         }
     }
 
-    /// The model's hyperparameters, from the `llama.*` metadata and the vocabulary.
+    /// The model's hyperparameters, from the `<architecture>.*` metadata and the vocabulary.
     ///
     /// `dtype` is `bfloat16`, the precision [`GgufFile::tensor_bf16`] delivers; the embeddings are
-    /// tied when the file has no `output.weight`, as llama.cpp does.
-    pub fn config(&self) -> Result<LlamaConfig> {
+    /// tied when the file has no `output.weight`, as llama.cpp does; biases are what the file
+    /// holds (llama.cpp writes the ones the model has).
+    pub fn config(&self) -> Result<ModelConfig> {
         let p = &self.path;
-        let hidden_size = self.req_usize("llama.embedding_length")?;
-        let num_attention_heads = self.req_usize("llama.attention.head_count")?;
-        let num_key_value_heads = match self.meta_u64("llama.attention.head_count_kv")? {
-            Some(_) => self.req_usize("llama.attention.head_count_kv")?,
-            None => num_attention_heads,
-        };
+        let k = |key: &str| self.key(key);
+        let hidden_size = self.req_usize(&k("embedding_length"))?;
+        let num_attention_heads = self.req_usize(&k("attention.head_count"))?;
+        let num_key_value_heads = self.kv_heads()?;
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(invalid(
                 p,
-                "llama.attention.head_count_kv",
-                format!("{num_key_value_heads} does not divide llama.attention.head_count = {num_attention_heads}"),
+                &k("attention.head_count_kv"),
+                format!("{num_key_value_heads} does not divide {} = {num_attention_heads}", k("attention.head_count")),
             ));
         }
-        let head_dim = match self.meta_u64("llama.attention.key_length")? {
-            Some(_) => self.req_usize("llama.attention.key_length")?,
+        let head_dim = match self.meta_u64(&k("attention.key_length"))? {
+            Some(_) => self.req_usize(&k("attention.key_length"))?,
             None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
             None => {
                 return Err(invalid(
                     p,
-                    "llama.attention.key_length",
-                    "missing, and llama.embedding_length is not a multiple of llama.attention.head_count",
+                    &k("attention.key_length"),
+                    format!("missing, and {} is not a multiple of {}", k("embedding_length"), k("attention.head_count")),
                 ))
             }
         };
         if head_dim % 2 != 0 {
-            return Err(invalid(p, "llama.attention.key_length", format!("head size {head_dim} must be even for rotary embeddings")));
+            return Err(invalid(p, &k("attention.key_length"), format!("head size {head_dim} must be even for rotary embeddings")));
         }
-        if let Some(v) = self.meta_u64("llama.attention.value_length")? {
+        if let Some(v) = self.meta_u64(&k("attention.value_length"))? {
             if v != head_dim as u64 {
-                return Err(unsupported(p, "llama.attention.value_length", v, format!("Llama uses one head size ({head_dim}) for keys and values")));
+                return Err(unsupported(p, &k("attention.value_length"), v, format!("the Llama family uses one head size ({head_dim}) for keys and values")));
             }
         }
-        if let Some(rot) = self.meta_u64("llama.rope.dimension_count")? {
-            if rot != head_dim as u64 {
-                return Err(unsupported(p, "llama.rope.dimension_count", rot, format!("Llama rotates the whole head ({head_dim})")));
+        // Phi-3 may rotate part of each head; the others rotate all of it.
+        let rotary_dim = match self.meta_u64(&k("rope.dimension_count"))? {
+            None => head_dim,
+            Some(rot) if rot == head_dim as u64 => head_dim,
+            Some(rot) if self.desc.arch == arch::Arch::Phi3 && rot >= 2 && rot % 2 == 0 && rot < head_dim as u64 => rot as usize,
+            Some(rot) => {
+                return Err(unsupported(p, &k("rope.dimension_count"), rot, format!("{} rotates the whole head ({head_dim})", self.desc.class)))
             }
-        }
-        if let Some(experts) = self.meta_u64("llama.expert_count")? {
+        };
+        if let Some(experts) = self.meta_u64(&k("expert_count"))? {
             if experts > 0 {
-                return Err(unsupported(p, "llama.expert_count", experts, "mixture-of-experts models are not implemented; nibble loads dense Llama"));
+                return Err(unsupported(p, &k("expert_count"), experts, "mixture-of-experts models are not implemented; nibble loads dense models"));
             }
         }
-        let rope_scaling = match self.meta_str("llama.rope.scaling.type")? {
+        if let Some(w) = self.meta_u64(&k("attention.sliding_window"))? {
+            // transformers' GGUF loader does not read the window for these architectures, so
+            // neither does nibble (it computes what transformers computes); say so.
+            tracing::warn!("{}: ignoring {} = {w}, as transformers' GGUF loader does", p.display(), k("attention.sliding_window"));
+        }
+        let rope_scaling = match self.meta_str(&k("rope.scaling.type"))? {
             None | Some("none") => RopeScaling::Default,
             Some("linear") => {
                 let factor = self
-                    .meta_f64("llama.rope.scaling.factor")?
+                    .meta_f64(&k("rope.scaling.factor"))?
                     .filter(|f| *f > 0.0)
-                    .ok_or_else(|| invalid(p, "llama.rope.scaling.factor", "missing or not positive for linear scaling"))?;
+                    .ok_or_else(|| invalid(p, &k("rope.scaling.factor"), "missing or not positive for linear scaling"))?;
                 RopeScaling::Linear { factor }
             }
             Some(other) => {
-                return Err(unsupported(p, "llama.rope.scaling.type", format!("{other:?}"), "nibble reads `none` and `linear` rope scaling from GGUF"))
+                return Err(unsupported(p, &k("rope.scaling.type"), format!("{other:?}"), "nibble reads `none` and `linear` rope scaling from GGUF"))
             }
         };
         let tokens = self
@@ -365,24 +380,35 @@ impl GgufFile {
                 Some(id) => Err(invalid(p, key, format!("{id} is outside the vocabulary of {vocab_size}"))),
             }
         };
-        let cfg = LlamaConfig {
+        let num_hidden_layers = self.req_usize(&k("block_count"))?;
+        let has = |module: &str| self.contains(&format!("model.layers.0.{module}.bias"));
+        let biases = arch::Biases {
+            qkv: has("self_attn.q_proj") || has("self_attn.qkv_proj"),
+            o: has("self_attn.o_proj"),
+            mlp: has("mlp.down_proj"),
+        };
+        let cfg = ModelConfig {
             path: p.clone(),
+            arch: self.desc.arch,
             hidden_size,
-            intermediate_size: self.req_usize("llama.feed_forward_length")?,
-            num_hidden_layers: self.req_usize("llama.block_count")?,
+            intermediate_size: self.req_usize(&k("feed_forward_length"))?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
+            rotary_dim,
             vocab_size,
             // llama.cpp's own defaults when the keys are absent.
-            rms_norm_eps: self.meta_f64("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-            rope_theta: self.meta_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
+            rms_norm_eps: self.meta_f64(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: self.meta_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
             rope_scaling,
-            max_position_embeddings: match self.meta_u64("llama.context_length")? {
-                Some(_) => self.req_usize("llama.context_length")?,
+            max_position_embeddings: match self.meta_u64(&k("context_length"))? {
+                Some(_) => self.req_usize(&k("context_length"))?,
                 None => 2048,
             },
             tie_word_embeddings: !self.contains("lm_head.weight"),
+            biases,
+            layer_windows: vec![None; num_hidden_layers],
             dtype: Some("bfloat16".into()),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
@@ -392,11 +418,19 @@ impl GgufFile {
         Ok(cfg)
     }
 
+    /// Key/value heads (`head_count_kv`, else `head_count`).
+    fn kv_heads(&self) -> Result<usize> {
+        match self.meta_u64(&self.key("attention.head_count_kv"))? {
+            Some(_) => self.req_usize(&self.key("attention.head_count_kv")),
+            None => self.req_usize(&self.key("attention.head_count")),
+        }
+    }
+
     /// Checks that the file holds exactly the tensors of the Llama `cfg` describes, each with its
     /// shape, before any weight is read: a missing layer or a stray tensor is an error here, not
     /// a model that loads and computes something else.
-    fn check_tensors(&self, cfg: &LlamaConfig) -> Result<()> {
-        let expected = llama_tensor_shapes(cfg);
+    fn check_tensors(&self, cfg: &ModelConfig) -> Result<()> {
+        let expected = cfg.tensor_shapes();
         for (name, shape) in &expected {
             match self.shape(name) {
                 None => return Err(Error::MissingTensor { path: self.path.clone(), tensor: name.clone() }),
@@ -413,8 +447,9 @@ impl GgufFile {
             return Err(Error::CorruptGguf {
                 path: self.path.clone(),
                 reason: format!(
-                    "tensor `{g}` ({hf}) is not part of a {}-layer Llama; the metadata and the tensors disagree",
-                    cfg.num_hidden_layers
+                    "tensor `{g}` ({hf}) is not part of a {}-layer {}; the metadata and the tensors disagree",
+                    cfg.num_hidden_layers,
+                    self.desc.class
                 ),
             });
         }
@@ -445,14 +480,15 @@ impl GgufFile {
             .read(&mut Cursor::new(&self.mmap[..]), self.content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| Error::CorruptGguf { path: self.path.clone(), reason: format!("tensor `{gguf_name}`: {e}") })?;
         let w = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-        if hf_name.ends_with("self_attn.q_proj.weight") {
-            unpermute(&w, self.req_usize("llama.attention.head_count")?)
-        } else if hf_name.ends_with("self_attn.k_proj.weight") {
-            let heads = match self.meta_u64("llama.attention.head_count_kv")? {
-                Some(_) => self.req_usize("llama.attention.head_count_kv")?,
-                None => self.req_usize("llama.attention.head_count")?,
-            };
-            unpermute(&w, heads)
+        if !self.desc.gguf_rotary_permuted {
+            return Ok(w);
+        }
+        // llama.cpp's `llama` converter permutes Q and K (weights and biases) for its rotary kernel.
+        let is = |module: &str| hf_name.ends_with(&format!("{module}.weight")) || hf_name.ends_with(&format!("{module}.bias"));
+        if is("self_attn.q_proj") {
+            unpermute(&w, self.req_usize(&self.key("attention.head_count"))?)
+        } else if is("self_attn.k_proj") {
+            unpermute(&w, self.kv_heads()?)
         } else {
             Ok(w)
         }
@@ -471,31 +507,6 @@ impl GgufFile {
     }
 }
 
-/// Every tensor of a Hugging Face Llama with `cfg`'s hyperparameters, with its shape (`[out, in]`
-/// for linear weights); `lm_head.weight` only when the embeddings are not tied.
-pub fn llama_tensor_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, h]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![inter, h]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, inter]));
-    }
-    out.push(("model.norm.weight".to_string(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
-    }
-    out
-}
-
 fn invalid(path: &Path, field: &str, reason: impl Into<String>) -> Error {
     Error::InvalidConfig { path: path.to_path_buf(), field: field.into(), reason: reason.into() }
 }
@@ -510,13 +521,24 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_tensor_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
-        assert_eq!(hf_tensor_name("blk.12.attn_q.weight").as_deref(), Some("model.layers.12.self_attn.q_proj.weight"));
-        assert_eq!(hf_tensor_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
-        assert_eq!(hf_tensor_name("output.weight").as_deref(), Some("lm_head.weight"));
-        assert_eq!(hf_tensor_name("blk.x.attn_q.weight"), None);
-        assert_eq!(hf_tensor_name("blk.1.attn_q.bias"), None);
-        assert_eq!(hf_tensor_name("rope_freqs.weight"), None);
+        let llama = arch::Arch::Llama.description();
+        let name = |d, g| hf_tensor_name(d, g);
+        assert_eq!(name(llama, "token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(name(llama, "blk.12.attn_q.weight").as_deref(), Some("model.layers.12.self_attn.q_proj.weight"));
+        assert_eq!(name(llama, "blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
+        assert_eq!(name(llama, "output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(name(llama, "blk.x.attn_q.weight"), None);
+        assert_eq!(name(llama, "blk.1.attn_q.bias").as_deref(), Some("model.layers.1.self_attn.q_proj.bias"));
+        assert_eq!(name(llama, "blk.1.attn_q.scale"), None);
+        assert_eq!(name(llama, "blk.1.attn_q_norm.weight"), None);
+        assert_eq!(name(llama, "rope_freqs.weight"), None);
+        let qwen3 = arch::Arch::Qwen3.description();
+        assert_eq!(name(qwen3, "blk.2.attn_k_norm.weight").as_deref(), Some("model.layers.2.self_attn.k_norm.weight"));
+        // Phi-3's fused matrices: llama.cpp's `ffn_up` holds gate and up together.
+        let phi3 = arch::Arch::Phi3.description();
+        assert_eq!(name(phi3, "blk.0.attn_qkv.weight").as_deref(), Some("model.layers.0.self_attn.qkv_proj.weight"));
+        assert_eq!(name(phi3, "blk.0.ffn_up.weight").as_deref(), Some("model.layers.0.mlp.gate_up_proj.weight"));
+        assert_eq!(name(phi3, "blk.0.ffn_gate.weight"), None);
     }
 
     /// The permutation llama.cpp's converter applies, written as its Python does.

@@ -1,7 +1,7 @@
 //! `nibble-load`: everything read from disk before a model exists.
 //!
 //! - [`source`]: resolving what the caller named (a folder) into the files of a model.
-//! - [`config`]: `config.json` into a checked [`LlamaConfig`] (transformers 4.x and 5.x layouts).
+//! - [`config`]: `config.json` into a checked [`ModelConfig`] (transformers 4.x and 5.x layouts).
 //! - [`weights`]: memory-mapped safetensors (one file or shards), with typed errors naming the file
 //!   and tensor.
 //! - [`tokenizer`]: the tokenizer, its special tokens and the chat template.
@@ -10,6 +10,7 @@
 //! - [`gguf`]: a llama.cpp GGUF file: its config, its weights dequantized under Hugging Face names.
 //! - [`gguf_tokenizer`]: a GGUF file's vocabulary and merges rebuilt as a `tokenizer.json`.
 
+pub mod arch;
 pub mod config;
 pub mod generation;
 pub mod hub;
@@ -19,7 +20,8 @@ pub mod source;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use arch::{Arch, Role};
+pub use config::{LinearSpec, ModelConfig, NormSpec, RopeScaling};
 pub use generation::GenerationConfig;
 pub use gguf::GgufFile;
 pub use gguf_tokenizer::GgufTokenizer;

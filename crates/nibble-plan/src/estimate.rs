@@ -9,7 +9,7 @@
 
 use candle_core::DType;
 use nibble_core::{Error, Result};
-use nibble_load::LlamaConfig;
+use nibble_load::ModelConfig;
 use nibble_quant::{BitsAndBytesConfig, QuantMethod};
 
 /// Positions processed per forward call during prefill; the model chunks longer prompts, so the
@@ -19,7 +19,7 @@ pub const PREFILL_CHUNK: usize = 512;
 /// transformers' `dtype="auto"`: the dtype config.json names (`dtype`, or the older `torch_dtype`):
 /// `float32` → F32, `bfloat16` → BF16, `float16`/`half` → F16, with or without a `torch.` prefix.
 /// Absent or anything else → F32, which is what transformers loads when the config names none.
-pub fn auto_dtype(cfg: &LlamaConfig) -> DType {
+pub fn auto_dtype(cfg: &ModelConfig) -> DType {
     match cfg.dtype.as_deref().map(|s| s.trim().trim_start_matches("torch.")) {
         Some("bfloat16") => DType::BF16,
         Some("float16") | Some("half") => DType::F16,
@@ -81,7 +81,8 @@ pub fn bias_bytes(out: u64, has_bias: bool, dense_bytes: u64) -> Result<u64> {
 pub struct Estimate {
     /// `model.embed_tokens`.
     pub embed: u64,
-    /// Each `model.layers.N`: seven linears (with their biases) and two norms.
+    /// Each `model.layers.N`: its linears (with their biases) and norms, as the architecture
+    /// describes them.
     pub layers: Vec<u64>,
     /// `model.norm` plus `lm_head`'s own storage (none for a tied, unquantized lm_head: it shares
     /// the embedding's).
@@ -90,8 +91,10 @@ pub struct Estimate {
     /// these are the bytes of the copy the head's device holds when it is another one; 0 when the
     /// head is not such a shared matrix.
     pub tied_head_copy: u64,
-    /// KV cache of one layer for `max_seq_len` × `batch`.
+    /// KV cache of one full-attention layer for `max_seq_len` × `batch`.
     pub kv_per_layer: u64,
+    /// KV cache of each layer: a windowed layer holds at most its window of positions.
+    pub kv_layers: Vec<u64>,
     /// Activation and workspace reserve of a device that runs decoder layers.
     pub layer_reserve: u64,
     /// Extra reserve of the device that runs the head (the logits).
@@ -107,7 +110,7 @@ pub struct Estimate {
 impl Estimate {
     /// Computes every term for `cfg` quantized as `quant`, unquantized parts held in `dtype`.
     /// `Error::SizeOverflow` when a size does not fit in 64 bits.
-    pub fn new(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, dtype: DType, max_seq_len: usize, batch: usize) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, quant: &BitsAndBytesConfig, dtype: DType, max_seq_len: usize, batch: usize) -> Result<Self> {
         let d = dtype.size_in_bytes() as u64;
         let c = quant.bnb_4bit_compute_dtype.dtype().size_in_bytes() as u64;
         let h = cfg.hidden_size as u64;
@@ -115,33 +118,24 @@ impl Estimate {
         let hd = cfg.head_dim as u64;
         let (nh, nkv) = (cfg.num_attention_heads as u64, cfg.num_key_value_heads as u64);
         let vocab = cfg.vocab_size as u64;
-        let q_out = product("q_proj's width", &[nh, hd])?;
-        let kv_out = product("k_proj's width", &[nkv, hd])?;
         let method_of = |name: &str| if quant.skips(name) { QuantMethod::None } else { quant.method() };
-        // (name, out, in, bias): Llama has no biases (the config loader refuses attention_bias and
-        // mlp_bias), the term is there for the architectures that do.
-        let shapes = [
-            ("self_attn.q_proj", q_out, h, false),
-            ("self_attn.k_proj", kv_out, h, false),
-            ("self_attn.v_proj", kv_out, h, false),
-            ("self_attn.o_proj", h, q_out, false),
-            ("mlp.gate_proj", inter, h, false),
-            ("mlp.up_proj", inter, h, false),
-            ("mlp.down_proj", h, inter, false),
-        ];
-        let norms = product("a layer's norms", &[2, h, d])?;
+        // The description's linears (name, out, in, bias) and norm widths.
+        let specs = cfg.layer_linears();
+        let norm_lens: Vec<u64> = cfg.layer_norms().iter().map(|n| n.len as u64).collect();
+        let norms = product("a layer's norms", &[total("a layer's norms", &norm_lens)?, d])?;
         let (mut largest_4bit, mut widest_4bit) = (0u64, 0u64);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let mut bytes = norms;
-            for (name, out, inp, bias) in shapes {
-                let method = method_of(&format!("model.layers.{i}.{name}"));
+            for s in &specs {
+                let (out, inp) = (s.out_features as u64, s.in_features as u64);
+                let method = method_of(&format!("model.layers.{i}.{}", s.name));
                 if matches!(method, QuantMethod::FourBit(_)) {
                     largest_4bit = largest_4bit.max(product("a linear weight", &[out, inp])?);
                     widest_4bit = widest_4bit.max(total("a linear's width", &[out, inp])?);
                 }
                 let w = linear_bytes(out, inp, method, quant, d)?;
-                bytes = total("a decoder layer", &[bytes, w, bias_bytes(out, bias, d)?])?;
+                bytes = total("a decoder layer", &[bytes, w, bias_bytes(out, s.bias, d)?])?;
             }
             layers.push(bytes);
         }
@@ -157,6 +151,13 @@ impl Estimate {
         let (b, t_all) = (batch as u64, max_seq_len as u64);
         let t = t_all.min(PREFILL_CHUNK as u64);
         let kv_per_layer = product("the KV cache per layer", &[2, b, t_all, nkv, hd, d])?;
+        // A windowed layer's cache holds its window (the query and the window - 1 before it).
+        let kv_layers = (0..cfg.num_hidden_layers)
+            .map(|i| match cfg.window(i) {
+                Some(w) => product("the KV cache per layer", &[2, b, t_all.min(w as u64), nkv, hd, d]),
+                None => Ok(kv_per_layer),
+            })
+            .collect::<Result<Vec<u64>>>()?;
         let what = "the activation reserve";
         // bitsandbytes dequantizes a 4-bit weight straight into C: an `[out, in]` f32 temporary
         // and its C result for the largest one; the product runs in C, so the input is cast to C
@@ -187,11 +188,24 @@ impl Estimate {
             _ => 0,
         };
         let head_reserve = total(what, &[logits, head_4bit])?;
-        let est = Self { embed, layers, head, tied_head_copy, kv_per_layer, layer_reserve, head_reserve, dtype, max_seq_len, batch };
+        let est = Self {
+            embed,
+            layers,
+            head,
+            tied_head_copy,
+            kv_per_layer,
+            kv_layers,
+            layer_reserve,
+            head_reserve,
+            dtype,
+            max_seq_len,
+            batch,
+        };
         // Checked once here so that weight_bytes() cannot overflow.
         let mut terms = est.layers.clone();
         terms.extend([est.embed, est.head, est.tied_head_copy]);
         total("the weights", &terms)?;
+        total("the KV cache", &est.kv_layers)?;
         Ok(est)
     }
 
@@ -208,7 +222,7 @@ mod tests {
 
     use super::*;
 
-    fn cfg_with_dtype(dtype: Option<&str>) -> LlamaConfig {
+    fn cfg_with_dtype(dtype: Option<&str>) -> ModelConfig {
         let mut v = serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -217,7 +231,7 @@ mod tests {
         if let Some(d) = dtype {
             v["torch_dtype"] = serde_json::json!(d);
         }
-        LlamaConfig::from_json(&v, Path::new("config.json")).unwrap()
+        ModelConfig::from_json(&v, Path::new("config.json")).unwrap()
     }
 
     #[test]

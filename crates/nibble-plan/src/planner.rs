@@ -3,11 +3,11 @@
 
 use candle_core::DType;
 use nibble_core::{Error, OomPhase, Result};
-use nibble_load::LlamaConfig;
+use nibble_load::ModelConfig;
 use nibble_quant::{BitsAndBytesConfig, ComputeDtype, QuantMethod};
 
 use crate::device_map::resolve_explicit;
-use crate::estimate::{auto_dtype, product, total, Estimate};
+use crate::estimate::{auto_dtype, total, Estimate};
 use crate::inventory::{CudaStatus, Inventory, MIN_CUDA_DRIVER};
 use crate::size::{human, MaxMemory};
 use crate::{DeviceMap, DeviceSpec, LayerPlan};
@@ -39,7 +39,7 @@ impl PlanRequest {
     /// Defaults for `cfg`: auto placement, inventory budgets, context of
     /// min(max_position_embeddings, 4096), batch 1, CPU offload allowed, the dtype config.json
     /// names (transformers' `dtype="auto"`).
-    pub fn new(cfg: &LlamaConfig) -> Self {
+    pub fn new(cfg: &ModelConfig) -> Self {
         Self {
             device_map: DeviceMap::Auto,
             max_memory: MaxMemory::default(),
@@ -134,7 +134,7 @@ fn usage_of(layers: &LayerPlan, est: &Estimate, req: &PlanRequest, inv: &Invento
         }
         let mine: Vec<usize> = (0..layers.layers.len()).filter(|&i| layers.layers[i] == device).collect();
         weights.extend(mine.iter().map(|&i| est.layers.get(i).copied().unwrap_or(0)));
-        u.kv_bytes = product(&what, &[mine.len() as u64, est.kv_per_layer])?;
+        u.kv_bytes = total(&what, &mine.iter().map(|&i| est.kv_layers.get(i).copied().unwrap_or(0)).collect::<Vec<_>>())?;
         if !mine.is_empty() {
             u.reserve_bytes = est.layer_reserve;
             u.modules.extend(compress(&mine));
@@ -275,7 +275,7 @@ fn sequential_counts(
         };
         while next < cap {
             let first = if counts[k] == 0 { est.layer_reserve } else { 0 };
-            let add = total(&what, &[est.layers[next], est.kv_per_layer, first])?;
+            let add = total(&what, &[est.layers[next], est.kv_layers[next], first])?;
             if total(&what, &[used, add, head])? > room {
                 break;
             }
@@ -289,7 +289,7 @@ fn sequential_counts(
 
 /// Plans the placement of `cfg`, quantized as `quant`, on `inv`. When it does not fit, the
 /// error carries a hint computed from the numbers.
-pub fn plan(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, inv: &Inventory) -> Result<Plan> {
+pub fn plan(cfg: &ModelConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, inv: &Inventory) -> Result<Plan> {
     let p = plan_raw(cfg, quant, req, inv).map_err(|e| with_hint(e, cfg, quant, req, inv))?;
     if p.offloaded_layers > 0 {
         tracing::warn!("{} decoder layer(s) do not fit on the GPUs and run on the CPU (slow)", p.offloaded_layers);
@@ -297,7 +297,7 @@ pub fn plan(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
     Ok(p)
 }
 
-fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, inv: &Inventory) -> Result<Plan> {
+fn plan_raw(cfg: &ModelConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, inv: &Inventory) -> Result<Plan> {
     if req.max_seq_len == 0 || req.batch == 0 {
         return Err(Error::invalid_argument("max_seq_len", "max_seq_len and batch must be at least 1"));
     }
@@ -365,7 +365,7 @@ fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
                         let worst = usage.iter().rfind(|u| !u.device.is_host()).cloned();
                         let what = "the layers that fit no GPU";
                         let mut spilled: Vec<u64> = est.layers.iter().rev().take(left).copied().collect();
-                        spilled.push(product(what, &[left as u64, est.kv_per_layer])?);
+                        spilled.extend(est.kv_layers.iter().rev().take(left).copied());
                         let needed = total(what, &spilled)?;
                         Err(match worst {
                             Some(u) => Error::OutOfMemory {
@@ -389,7 +389,7 @@ fn plan_raw(cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
 }
 
 /// Adds a hint computed from the numbers to a planned out-of-memory error.
-fn with_hint(e: Error, cfg: &LlamaConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, inv: &Inventory) -> Error {
+fn with_hint(e: Error, cfg: &ModelConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, inv: &Inventory) -> Error {
     let Error::OutOfMemory { device, needed, available, phase: OomPhase::Planned, .. } = e else {
         return e;
     };

@@ -4,14 +4,14 @@ use std::path::Path;
 
 use candle_core::DType;
 use nibble_core::{Error, OomPhase};
-use nibble_load::LlamaConfig;
+use nibble_load::ModelConfig;
 use nibble_plan::*;
 use nibble_quant::{BitsAndBytesConfig, ComputeDtype};
 use serde_json::json;
 
 const GIB: u64 = 1 << 30;
 
-fn llama_8b() -> LlamaConfig {
+fn llama_8b() -> ModelConfig {
     let v = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
         "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -20,24 +20,24 @@ fn llama_8b() -> LlamaConfig {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
     });
-    LlamaConfig::from_json(&v, Path::new("Llama-3.1-8B/config.json")).unwrap()
+    ModelConfig::from_json(&v, Path::new("Llama-3.1-8B/config.json")).unwrap()
 }
 
-fn llama_70b() -> LlamaConfig {
+fn llama_70b() -> ModelConfig {
     let v = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
         "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
         "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
         "rope_theta": 500000.0, "torch_dtype": "bfloat16"
     });
-    LlamaConfig::from_json(&v, Path::new("Llama-3.1-70B/config.json")).unwrap()
+    ModelConfig::from_json(&v, Path::new("Llama-3.1-70B/config.json")).unwrap()
 }
 
 fn bf16(q: BitsAndBytesConfig) -> BitsAndBytesConfig {
     q.with_compute_dtype(ComputeDtype::Bf16)
 }
 
-fn request(cfg: &LlamaConfig, map: DeviceMap, max_seq_len: usize) -> PlanRequest {
+fn request(cfg: &ModelConfig, map: DeviceMap, max_seq_len: usize) -> PlanRequest {
     PlanRequest { device_map: map, max_seq_len, ..PlanRequest::new(cfg) }
 }
 
@@ -240,14 +240,14 @@ fn cpu_only_machine_plans_everything_on_the_cpu() {
     ));
 }
 
-fn smollm2_135m() -> LlamaConfig {
+fn smollm2_135m() -> ModelConfig {
     let v = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
         "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192,
         "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": true
     });
-    LlamaConfig::from_json(&v, Path::new("SmolLM2-135M/config.json")).unwrap()
+    ModelConfig::from_json(&v, Path::new("SmolLM2-135M/config.json")).unwrap()
 }
 
 fn nf4_double_quant() -> BitsAndBytesConfig {

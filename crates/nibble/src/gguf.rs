@@ -15,12 +15,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use nibble_core::{Error, Result};
-use nibble_llama::WeightProvider;
-use nibble_load::gguf::llama_tensor_shapes;
-use nibble_load::{GenerationConfig, GgufFile, GgufTokenizer, LlamaConfig, RopeScaling};
+use nibble_llama::{LinearShape, WeightProvider};
+use nibble_load::{GenerationConfig, GgufFile, GgufTokenizer, ModelConfig};
 use nibble_quant::{BitsAndBytesConfig, QuantLinear};
 use safetensors::tensor::Dtype;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::model::{build_llama, placement};
 use crate::provider::{place, quantize_or_dense, quantizes};
@@ -38,17 +37,14 @@ struct GgufProvider<'a> {
 }
 
 impl WeightProvider for GgufProvider<'_> {
-    fn linear(
-        &mut self,
-        name: &str,
-        weight_name: &str,
-        out_features: usize,
-        in_features: usize,
-        device: &Device,
-    ) -> Result<Box<dyn QuantLinear>> {
+    fn linear(&mut self, name: &str, weight_name: &str, shape: LinearShape, device: &Device) -> Result<Box<dyn QuantLinear>> {
         self.progress.set_message(name.to_string());
-        let w = self.gguf.tensor_f32(weight_name, &[out_features, in_features])?;
-        let layer = quantize_or_dense(name, &w, self.quant, self.dtype, self.compute, device)?;
+        let w = self.gguf.tensor_f32(weight_name, &[shape.out_features, shape.in_features])?;
+        let bias = match shape.bias {
+            true => Some(self.tensor(&format!("{name}.bias"), &[shape.out_features], device)?),
+            false => None,
+        };
+        let layer = quantize_or_dense(name, &w, bias, self.quant, (self.dtype, self.compute), device)?;
         self.progress.inc(1);
         Ok(layer)
     }
@@ -99,51 +95,10 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant) -> Result<
     })
 }
 
-/// A transformers `config.json` (`LlamaForCausalLM`, the 4.x field names, which 5.x reads too)
-/// for `cfg`, with weights stored as `dtype`.
-pub(crate) fn hf_config(cfg: &LlamaConfig, dtype: &str) -> Value {
-    let rope_scaling = match &cfg.rope_scaling {
-        RopeScaling::Default => Value::Null,
-        RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
-            "rope_type": "llama3",
-            "factor": factor,
-            "low_freq_factor": low_freq_factor,
-            "high_freq_factor": high_freq_factor,
-            "original_max_position_embeddings": original_max_position_embeddings,
-        }),
-    };
-    let eos = match cfg.eos_token_ids.as_slice() {
-        [] => Value::Null,
-        [one] => Value::from(*one),
-        many => Value::from(many.to_vec()),
-    };
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "attention_bias": false,
-        "attention_dropout": 0.0,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": cfg.intermediate_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "mlp_bias": false,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "pretraining_tp": 1,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_scaling": rope_scaling,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "torch_dtype": dtype,
-        "use_cache": true,
-        "vocab_size": cfg.vocab_size,
-    })
+/// A transformers `config.json` for `cfg` (its architecture's class, the 4.x field names, which
+/// 5.x reads too), with weights stored as `dtype`.
+pub(crate) fn hf_config(cfg: &ModelConfig, dtype: &str) -> Value {
+    cfg.to_hf_json(dtype)
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
@@ -202,7 +157,7 @@ impl Drop for TempDir {
 }
 
 /// Writes a Hugging Face folder at `out_dir` from the GGUF file `file`: `config.json`
-/// (`LlamaForCausalLM`, `torch_dtype` bfloat16), `model.safetensors` (every weight dequantized,
+/// (the architecture's class, `torch_dtype` bfloat16), `model.safetensors` (every weight dequantized,
 /// Q and K un-permuted, rounded to bf16 to nearest even), `tokenizer.json`,
 /// `tokenizer_config.json` (special tokens, chat template) and `generation_config.json` (eos id).
 ///
@@ -256,7 +211,7 @@ pub fn import_gguf(file: impl AsRef<Path>, out_dir: impl AsRef<Path>) -> Result<
     write_json(&config, &hf_config(&cfg, "bfloat16"))?;
 
     let mut tensors: Vec<(String, Owned)> = Vec::new();
-    for (name, shape) in llama_tensor_shapes(&cfg) {
+    for (name, shape) in cfg.tensor_shapes() {
         let t = gguf.tensor_bf16(&name, &shape)?;
         let data = t.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
         tensors.push((name, Owned { dtype: Dtype::BF16, shape, data }));

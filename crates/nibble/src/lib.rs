@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Data flows one way: source ([`ModelFiles`]) → config ([`LlamaConfig`]) → plan ([`DeviceMap`])
+//! Data flows one way: source ([`ModelFiles`]) → config ([`ModelConfig`]) → plan ([`DeviceMap`])
 //! → quantize ([`BitsAndBytesConfig`], tensor by tensor) → place → run ([`Model`]). Every error
 //! is a [`nibble::Error`](Error) variant a program can match on.
 
@@ -37,7 +37,7 @@ pub use source::Source;
 pub use nibble_core::{Error, Result};
 pub use nibble_llama::{KvCache, Placement};
 pub use nibble_load::hub::{HubConfig, HubToken, RetryPolicy};
-pub use nibble_load::{ChatMessage, GenerationConfig, LlamaConfig, ModelFiles, RopeScaling};
+pub use nibble_load::{ChatMessage, GenerationConfig, ModelConfig, ModelFiles, RopeScaling};
 pub use nibble_plan::{plan, CudaStatus, DeviceMap, DeviceSpec, Inventory, LayerPlan, MaxMemory, Plan, PlanRequest};
 pub use nibble_quant::{BitsAndBytesConfig, ComputeDtype, ModelDtype, QuantMethod, QuantType};
 
@@ -76,7 +76,7 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     /// The planner's request for `cfg`.
-    pub fn plan_request(&self, cfg: &LlamaConfig) -> PlanRequest {
+    pub fn plan_request(&self, cfg: &ModelConfig) -> PlanRequest {
         let mut req = PlanRequest::new(cfg);
         req.device_map = self.device_map.clone();
         req.max_memory = self.max_memory.clone();

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use nibble_core::{Error, Result};
 use nibble_llama::{KvCache, Llama, Placement, WeightProvider};
-use nibble_load::{ChatMessage, GenerationConfig, LlamaConfig, ModelFiles, TextTokenizer, Weights};
+use nibble_load::{ChatMessage, GenerationConfig, ModelConfig, ModelFiles, TextTokenizer, Weights};
 use nibble_quant::{BitsAndBytesConfig, ModelDtype};
 
 use crate::generate::{GenerateOptions, Generation, StopReason};
@@ -30,7 +30,7 @@ pub struct Model {
 /// The quantization actually applied: a pre-quantized checkpoint's own config wins over the
 /// caller's (its weights cannot be re-quantized), but the caller's compute dtype is kept when the
 /// caller asked for quantization.
-fn effective_quant(cfg: &LlamaConfig, requested: &BitsAndBytesConfig) -> Result<BitsAndBytesConfig> {
+fn effective_quant(cfg: &ModelConfig, requested: &BitsAndBytesConfig) -> Result<BitsAndBytesConfig> {
     let Some(q) = &cfg.quantization_config else {
         return Ok(requested.clone());
     };
@@ -66,7 +66,7 @@ pub(crate) fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
 // Every source format passes the same eight things; a struct for one internal call adds nothing.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn build_llama<P: WeightProvider>(
-    cfg: &LlamaConfig,
+    cfg: &ModelConfig,
     quant: &BitsAndBytesConfig,
     placement: Placement,
     dtype: DType,
@@ -75,7 +75,7 @@ pub(crate) fn build_llama<P: WeightProvider>(
     started: Instant,
     make: impl FnOnce(ProgressBar) -> P,
 ) -> Result<Llama> {
-    let linears = 7 * cfg.num_hidden_layers as u64 + 1;
+    let linears = (cfg.layer_linears().len() * cfg.num_hidden_layers) as u64 + 1;
     let bar = progress_bar(linears, opts.progress && quant.is_quantized());
     let mut provider = make(bar.clone());
     let llama = Llama::load(cfg, placement, dtype, &mut provider)?;
@@ -92,7 +92,7 @@ pub(crate) fn build_llama<P: WeightProvider>(
 
 /// Where each part of the model goes: the planner checks every device's budget (weights, KV
 /// cache for `opts.max_seq_len`, reserve) before any weight is read.
-pub(crate) fn placement(cfg: &LlamaConfig, opts: &LoadOptions, dtype: DType) -> Result<Placement> {
+pub(crate) fn placement(cfg: &ModelConfig, opts: &LoadOptions, dtype: DType) -> Result<Placement> {
     let quant = effective_quant(cfg, &opts.quant)?;
     let inventory = opts.inventory.clone().unwrap_or_else(Inventory::detect);
     let mut request = opts.plan_request(cfg);
@@ -119,7 +119,7 @@ pub(crate) fn placement(cfg: &LlamaConfig, opts: &LoadOptions, dtype: DType) -> 
 
 /// transformers' `dtype` resolution: an explicit dtype as given; `auto` is config.json's `dtype`
 /// (or `torch_dtype`), else the checkpoint tensors' dtype, else float32.
-fn resolve_dtype(requested: ModelDtype, cfg: &LlamaConfig, weights: &Weights) -> DType {
+fn resolve_dtype(requested: ModelDtype, cfg: &ModelConfig, weights: &Weights) -> DType {
     requested.resolve(|| {
         cfg.dtype.as_deref().and_then(ModelDtype::from_hf_name).or_else(|| weights.float_dtype()).unwrap_or(DType::F32)
     })
@@ -138,7 +138,7 @@ impl Model {
 
     /// Loads a Hugging Face folder.
     fn load_folder(files: ModelFiles, opts: &LoadOptions, started: Instant) -> Result<Self> {
-        let cfg = LlamaConfig::from_file(&files.config)?;
+        let cfg = ModelConfig::from_file(&files.config)?;
         let quant = effective_quant(&cfg, &opts.quant)?;
         let compute = quant.bnb_4bit_compute_dtype.dtype();
         let weights = Weights::open(&files.weights)?;
@@ -172,7 +172,7 @@ impl Model {
     }
 
     /// The model's configuration.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         self.llama.config()
     }
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use nibble_core::{Error, Result};
 use nibble_load::{RawTensor, Weights};
 use nibble_quant::functional::{self, Absmax, DoubleQuant, Packed4bit, QuantType};
-use nibble_quant::{Linear4bit, Linear8bit, QuantLinear};
+use nibble_quant::{Linear4bit, Linear8bit};
 use safetensors::Dtype;
 use serde_json::Value;
 
@@ -163,7 +163,7 @@ pub(crate) fn load_int8(
     threshold: f32,
     dtype: DType,
     device: &Device,
-) -> Result<Box<dyn QuantLinear>> {
+) -> Result<Linear8bit> {
     weights.check_shape(weight, &[out_f, in_f])?;
     let raw = weights.raw(weight)?;
     if raw.dtype != Dtype::I8 {
@@ -180,5 +180,5 @@ pub(crate) fn load_int8(
     let scb_name = format!("{base}.SCB");
     weights.check_shape(&scb_name, &[out_f])?;
     let scb = f32_values(&weights.raw(&scb_name)?, &scb_name)?;
-    Ok(Box::new(Linear8bit::from_parts(cb, scb, out_f, in_f, threshold, dtype, device.clone())?))
+    Linear8bit::from_parts(cb, scb, out_f, in_f, threshold, dtype, device.clone())
 }

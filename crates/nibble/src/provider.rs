@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use nibble_core::Result;
-use nibble_llama::WeightProvider;
+use nibble_llama::{LinearShape, WeightProvider};
 use nibble_load::Weights;
 use nibble_quant::{convert_dtype, BitsAndBytesConfig, DenseLinear, Linear4bit, Linear8bit, QuantLinear, QuantMethod};
 
@@ -23,16 +23,18 @@ pub(crate) struct CheckpointProvider<'a> {
 }
 
 /// Builds the linear layer `name` from its dense weight `w` (`[out, in]`, on the CPU, in the dtype
-/// the checkpoint holds) as transformers does under `from_pretrained(dtype)`: the weight is cast
-/// to the model dtype `dtype`, then quantized as `quant` says (4-bit products in `compute`), or
-/// kept dense in `dtype` when `quant` is off or skips `name`. Every source format (safetensors,
-/// GGUF) goes through here, so a weight is quantized the same way whatever file it came from.
+/// the checkpoint holds) and its bias `bias` (already in `dtype`, on `device`) as transformers
+/// does under `from_pretrained(dtype)`: the weight is cast to the model dtype `dtype`, then
+/// quantized as `quant` says (4-bit products in `compute`), or kept dense in `dtype` when `quant`
+/// is off or skips `name`; the bias stays unquantized, as bitsandbytes keeps it. Every source
+/// format (safetensors, GGUF) goes through here, so a weight is quantized the same way whatever
+/// file it came from.
 pub(crate) fn quantize_or_dense(
     name: &str,
     w: &Tensor,
+    bias: Option<Tensor>,
     quant: &BitsAndBytesConfig,
-    dtype: DType,
-    compute: DType,
+    (dtype, compute): (DType, DType),
     device: &Device,
 ) -> Result<Box<dyn QuantLinear>> {
     let method = if quant.skips(name) { QuantMethod::None } else { quant.method() };
@@ -40,12 +42,13 @@ pub(crate) fn quantize_or_dense(
     // before quantization, as transformers' cast does.
     let w = convert_dtype(w, dtype)?;
     Ok(match method {
-        QuantMethod::None => Box::new(DenseLinear::new(w.to_device(device)?, None)?),
+        QuantMethod::None => Box::new(DenseLinear::new(w.to_device(device)?, bias)?),
         QuantMethod::FourBit(qt) => Box::new(
             Linear4bit::quantize(&w, qt, quant.bnb_4bit_blocksize, quant.bnb_4bit_use_double_quant, compute, device)?
-                .with_act_dtype(dtype),
+                .with_act_dtype(dtype)
+                .with_bias(bias)?,
         ),
-        QuantMethod::Int8 => Box::new(Linear8bit::quantize(&w, quant.llm_int8_threshold, dtype, device)?),
+        QuantMethod::Int8 => Box::new(Linear8bit::quantize(&w, quant.llm_int8_threshold, dtype, device)?.with_bias(bias)?),
     })
 }
 
@@ -60,35 +63,28 @@ pub(crate) fn place(t: &Tensor, dtype: DType, device: &Device) -> Result<Tensor>
 }
 
 impl WeightProvider for CheckpointProvider<'_> {
-    fn linear(
-        &mut self,
-        name: &str,
-        weight_name: &str,
-        out_features: usize,
-        in_features: usize,
-        device: &Device,
-    ) -> Result<Box<dyn QuantLinear>> {
+    fn linear(&mut self, name: &str, weight_name: &str, shape: LinearShape, device: &Device) -> Result<Box<dyn QuantLinear>> {
         self.progress.set_message(name.to_string());
-        let shape = (out_features, in_features);
+        let LinearShape { out_features, in_features, .. } = shape;
+        let dims = (out_features, in_features);
+        let bias = match shape.bias {
+            true => Some(self.tensor(&format!("{name}.bias"), &[out_features], device)?),
+            false => None,
+        };
         let layer: Box<dyn QuantLinear> = match prequant::detect(self.weights, weight_name) {
-            Stored::FourBit(state, qt) => {
-                Box::new(
-                    prequant::load_4bit(self.weights, weight_name, &state, qt, shape, self.compute, device)?
-                        .with_act_dtype(self.dtype),
-                )
-            }
-            Stored::Int8 => prequant::load_int8(
-                self.weights,
-                weight_name,
-                shape,
-                self.quant.llm_int8_threshold,
-                self.dtype,
-                device,
-            )?,
+            Stored::FourBit(state, qt) => Box::new(
+                prequant::load_4bit(self.weights, weight_name, &state, qt, dims, self.compute, device)?
+                    .with_act_dtype(self.dtype)
+                    .with_bias(bias)?,
+            ),
+            Stored::Int8 => Box::new(
+                prequant::load_int8(self.weights, weight_name, dims, self.quant.llm_int8_threshold, self.dtype, device)?
+                    .with_bias(bias)?,
+            ),
             Stored::Dense => {
                 // Quantization runs on the host; only the result moves to the device.
                 let w = self.weights.tensor_shaped(weight_name, &[out_features, in_features], &Device::Cpu)?;
-                quantize_or_dense(name, &w, self.quant, self.dtype, self.compute, device)?
+                quantize_or_dense(name, &w, bias, self.quant, (self.dtype, self.compute), device)?
             }
         };
         self.progress.inc(1);

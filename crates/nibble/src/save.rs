@@ -137,6 +137,10 @@ impl Model {
                     tensors.push((format!("{name}.weight_format"), Owned { dtype: Dtype::U8, shape: vec![], data: vec![0] }));
                 }
             }
+            // bitsandbytes keeps biases unquantized, as plain tensors in the model dtype.
+            if let Some(b) = layer.bias() {
+                tensors.push((format!("{name}.bias"), dense(b)?));
+            }
         }
         let target = dir.join("model.safetensors");
         let tmp = dir.join("model.safetensors.tmp");

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use half::f16;
 use nibble_core::{Error, Result};
 
-use super::{check_input, with_values, LinearStorage, QuantLinear};
+use super::{check_input, with_values, Bias, LinearStorage, QuantLinear};
 use crate::functional;
 use crate::kernels::{self, Precision};
 
@@ -40,6 +40,7 @@ pub struct Linear8bit {
     /// The activation dtype D the layer was built for (the model's dtype): what
     /// [`QuantLinear::forward_f32`] rounds to. [`QuantLinear::forward`] follows its input's dtype.
     act_dtype: DType,
+    bias: Option<Bias>,
     device: Device,
 }
 
@@ -79,7 +80,15 @@ impl Linear8bit {
             return Err(Error::quant_state("SCB", format!("{} row scales for {out_features} rows", scb.len())));
         }
         check_act_dtype(act_dtype)?;
-        Ok(Self { cb, scb, out_features, in_features, threshold, act_dtype, device })
+        Ok(Self { cb, scb, out_features, in_features, threshold, act_dtype, bias: None, device })
+    }
+
+    /// Gives the layer a bias `[out_features]` in the model dtype. bitsandbytes'
+    /// `int8_mm_dequant` adds it in f32 to the scaled int32 product, before the rounding to the
+    /// activations' dtype (and before the outlier columns are added).
+    pub fn with_bias(mut self, bias: Option<Tensor>) -> Result<Self> {
+        self.bias = Bias::new(bias, self.out_features)?;
+        Ok(self)
     }
 
     /// The activation dtype D the layer was built for.
@@ -114,6 +123,7 @@ impl Linear8bit {
         let acc_all = kernels::int8_matmul_i32(&qa.cb, rows, &self.cb, n_out, n_in)?;
         // torch's f32 addmm of a single column (k = 1) rounds once, unlike its k > 1 sums.
         let single_f32 = dt == DType::F32 && cols.len() == 1;
+        let bias = self.bias.as_ref().map(|b| b.host.as_slice());
         let mut out = vec![0.0f32; rows * n_out];
         out.par_chunks_mut(n_out)
             .zip(acc_all.par_chunks(n_out))
@@ -122,7 +132,8 @@ impl Linear8bit {
             .for_each(|(((out_row, acc_row), xa), &sa)| {
                 for (o, ((y, &acc), &sb)) in out_row.iter_mut().zip(acc_row).zip(&self.scb).enumerate() {
                     // int8_mm_dequant: f32, this association, then `.to(A.dtype)`.
-                    let main = round(acc as f32 * (sa * sb) * INT8_MM_SCALE);
+                    let scaled = acc as f32 * (sa * sb) * INT8_MM_SCALE;
+                    let main = round(bias.and_then(|b| b.get(o)).map_or(scaled, |b| scaled + b));
                     *y = if cols.is_empty() {
                         main
                     } else if single_f32 {
@@ -182,7 +193,7 @@ impl QuantLinear for Linear8bit {
         self.out_features
     }
     fn resident_bytes(&self) -> usize {
-        self.cb.len() + self.scb.len() * 4
+        self.cb.len() + self.scb.len() * 4 + self.bias.as_ref().map_or(0, Bias::bytes)
     }
     fn format(&self) -> &'static str {
         "int8"
@@ -193,5 +204,8 @@ impl QuantLinear for Linear8bit {
     }
     fn storage(&self) -> LinearStorage<'_> {
         LinearStorage::Int8 { cb: &self.cb, scb: &self.scb }
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref().map(|b| &b.tensor)
     }
 }

@@ -31,6 +31,9 @@ pub trait QuantLinear: std::fmt::Debug + Send + Sync {
     fn dequantized_weight(&self, dtype: DType) -> Result<Tensor>;
     /// The underlying storage, for saving in the bitsandbytes layout.
     fn storage(&self) -> LinearStorage<'_>;
+    /// The bias `[out_features]` in the model dtype, when the layer has one (bitsandbytes keeps
+    /// biases unquantized, so every format saves it as a plain tensor).
+    fn bias(&self) -> Option<&Tensor>;
     /// [`QuantLinear::forward`] on host memory: `rows` rows of `in_features` f32 values in (each
     /// exactly representable in the model dtype), `rows x out_features` values out, rounded to
     /// the model dtype as `forward` rounds them. The model's decode step calls this a few
@@ -65,6 +68,48 @@ fn with_host_values<R>(t: &Tensor, f: impl FnOnce(kernels::DenseWeight<'_>) -> R
         _ => return None,
     };
     Some(f(values))
+}
+
+/// A layer's bias: the tensor in the model dtype (for saving and other devices) and its values
+/// widened to f32 once (for the host kernels).
+#[derive(Debug, Clone)]
+pub(crate) struct Bias {
+    tensor: Tensor,
+    host: Vec<f32>,
+}
+
+impl Bias {
+    /// Checks that `bias` is `[out]` and keeps its f32 values.
+    pub(crate) fn new(bias: Option<Tensor>, out: usize) -> Result<Option<Self>> {
+        let Some(tensor) = bias else { return Ok(None) };
+        if tensor.dims() != [out] {
+            return Err(Error::invalid_argument(
+                "bias",
+                format!("shape {:?} does not match a layer with {out} outputs", tensor.dims()),
+            ));
+        }
+        let host = tensor.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1()?;
+        Ok(Some(Self { tensor, host }))
+    }
+
+    /// Adds the bias, each value first rounded to `p` (the dtype the product runs in), to every
+    /// row of `y`, in f32.
+    pub(crate) fn add_rounded(&self, y: &mut [f32], p: Precision) {
+        let n = self.host.len().max(1);
+        for row in y.chunks_exact_mut(n) {
+            row.iter_mut().zip(&self.host).for_each(|(y, &b)| *y += p.round(b));
+        }
+    }
+
+    /// Adds the bias, cast to `dtype`, to a tensor `[..., out]` of `dtype`.
+    pub(crate) fn add_tensor(&self, y: &Tensor, dtype: DType) -> Result<Tensor> {
+        Ok(y.broadcast_add(&self.tensor.to_dtype(dtype)?.to_device(y.device())?)?)
+    }
+
+    /// Bytes held on the layer's device.
+    pub(crate) fn bytes(&self) -> usize {
+        self.tensor.elem_count() * self.tensor.dtype().size_in_bytes()
+    }
 }
 
 /// Borrowed view of a layer's storage, for serialization.
@@ -113,7 +158,7 @@ pub(crate) fn check_input(x: &Tensor, in_features: usize) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
     weight: Tensor,
-    bias: Option<Tensor>,
+    bias: Option<Bias>,
 }
 
 impl DenseLinear {
@@ -124,14 +169,7 @@ impl DenseLinear {
         if weight.rank() != 2 {
             return Err(Error::invalid_argument("weight", format!("must be 2-D, got {:?}", weight.dims())));
         }
-        if let Some(b) = &bias {
-            if b.dims() != [weight.dim(0)?] {
-                return Err(Error::invalid_argument(
-                    "bias",
-                    format!("shape {:?} does not match a weight of shape {:?}", b.dims(), weight.dims()),
-                ));
-            }
-        }
+        let bias = Bias::new(bias, weight.dim(0)?)?;
         Ok(Self { weight, bias })
     }
 
@@ -144,13 +182,6 @@ impl DenseLinear {
         Precision::from_dtype(self.weight.dtype()).unwrap_or(Precision::F32)
     }
 
-    /// The bias as f32 values, when there is one.
-    fn bias_f32(&self) -> Result<Option<Vec<f32>>> {
-        Ok(match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1()?),
-            None => None,
-        })
-    }
 }
 
 /// Activation rows up to which a dense layer on the CPU uses the streaming matrix-vector kernel
@@ -170,10 +201,9 @@ impl DenseLinear {
             return Ok(None);
         };
         let mut y = y?;
-        if let Some(b) = self.bias_f32()? {
-            for row in y.chunks_exact_mut(n_out.max(1)) {
-                row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
-            }
+        if let Some(b) = &self.bias {
+            // The bias is already of the model dtype: rounding it to that dtype is exact.
+            b.add_rounded(&mut y, self.precision());
         }
         self.precision().round_slice(&mut y);
         Ok(Some(y))
@@ -205,7 +235,7 @@ impl QuantLinear for DenseLinear {
         // f32 products of the widened weight (per call: prefill and logits), bias, one rounding.
         let y = matmul_t(&x.to_dtype(DType::F32)?, &convert_dtype(&self.weight, DType::F32)?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            Some(b) => b.add_tensor(&y, DType::F32)?,
             None => y,
         };
         Ok(y.to_dtype(dtype)?)
@@ -217,7 +247,7 @@ impl QuantLinear for DenseLinear {
         self.weight.dims().first().copied().unwrap_or(0)
     }
     fn resident_bytes(&self) -> usize {
-        let b = self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+        let b = self.bias.as_ref().map_or(0, Bias::bytes);
         self.weight.elem_count() * self.weight.dtype().size_in_bytes() + b
     }
     fn format(&self) -> &'static str {
@@ -228,6 +258,9 @@ impl QuantLinear for DenseLinear {
     }
     fn storage(&self) -> LinearStorage<'_> {
         LinearStorage::Dense(&self.weight)
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref().map(|b| &b.tensor)
     }
 }
 
@@ -315,6 +348,7 @@ pub struct Linear4bit {
     compute_dtype: DType,
     /// The model dtype: activations come in and go out in it.
     act_dtype: DType,
+    bias: Option<Bias>,
     device: Device,
 }
 
@@ -374,7 +408,7 @@ impl Linear4bit {
         q.validate()?;
         let absmax = q.absmax.try_to_f32()?;
         let act_dtype = compute_dtype;
-        Ok(Self { q, absmax, out_features, in_features, weight_dtype, compute_dtype, act_dtype, device })
+        Ok(Self { q, absmax, out_features, in_features, weight_dtype, compute_dtype, act_dtype, bias: None, device })
     }
 
     /// The model dtype the layer takes activations in and returns them in (transformers'
@@ -382,6 +416,14 @@ impl Linear4bit {
     pub fn with_act_dtype(mut self, act_dtype: DType) -> Self {
         self.act_dtype = act_dtype;
         self
+    }
+
+    /// Gives the layer a bias `[out_features]` in the model dtype. As in bitsandbytes'
+    /// `Linear4bit`, it is cast to the compute dtype and added to the product before the
+    /// product's rounding to it (`linear(x, W, bias)`).
+    pub fn with_bias(mut self, bias: Option<Tensor>) -> Result<Self> {
+        self.bias = Bias::new(bias, self.out_features)?;
+        Ok(self)
     }
 
     /// The packed data.
@@ -424,6 +466,9 @@ impl Linear4bit {
             rounding.compute.round_slice(&mut xc);
             kernels::matmul_4bit(&m, &xc, rows)?
         };
+        if let Some(b) = &self.bias {
+            b.add_rounded(&mut y, rounding.compute);
+        }
         rounding.compute.round_slice(&mut y);
         Precision::from_dtype(self.act_dtype).unwrap_or(Precision::F32).round_slice(&mut y);
         Ok(y)
@@ -468,7 +513,12 @@ impl QuantLinear for Linear4bit {
             Some(r) if self.device.is_cpu() && x.device().is_cpu() => self.forward_fused(x, r),
             _ => {
                 let w = self.dequant_into(self.compute_dtype)?.to_device(&self.device)?;
-                Ok(matmul_t(&x.to_dtype(self.compute_dtype)?, &w)?.to_dtype(self.act_dtype)?)
+                let y = matmul_t(&x.to_dtype(self.compute_dtype)?, &w)?;
+                let y = match &self.bias {
+                    Some(b) => b.add_tensor(&y, self.compute_dtype)?,
+                    None => y,
+                };
+                Ok(y.to_dtype(self.act_dtype)?)
             }
         }
     }
@@ -483,7 +533,7 @@ impl QuantLinear for Linear4bit {
             functional::Absmax::F32(v) => v.len() * 4,
             functional::Absmax::Double(d) => d.codes.len() + d.nested_absmax.len() * 4 + 4,
         };
-        self.q.packed.len() + absmax
+        self.q.packed.len() + absmax + self.bias.as_ref().map_or(0, Bias::bytes)
     }
     fn format(&self) -> &'static str {
         match self.q.quant_type {
@@ -497,6 +547,9 @@ impl QuantLinear for Linear4bit {
     }
     fn storage(&self) -> LinearStorage<'_> {
         LinearStorage::FourBit(&self.q, self.weight_dtype)
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref().map(|b| &b.tensor)
     }
 }
 
