@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use common::*;
 use nibble::{
-    BitsAndBytesConfig, DType, DeviceMap, Inventory, LlamaConfig, LoadOptions, Model, ModelDtype, PlanRequest,
+    BitsAndBytesConfig, DType, DeviceMap, Inventory, ModelConfig, LoadOptions, Model, ModelDtype, PlanRequest,
 };
 
 /// The quantizations a user picks.
@@ -63,7 +63,7 @@ fn resident_parts(model: &Model) -> (u64, Vec<u64>, u64) {
 /// Loads `dir` under every quantization and dtype, plans each as the loader does, and returns
 /// one line per case whose figures differ (with the differing terms), after printing every case.
 fn check_model(dir: &str) -> Vec<String> {
-    let cfg = LlamaConfig::from_file(format!("{dir}/config.json")).unwrap();
+    let cfg = ModelConfig::from_file(format!("{dir}/config.json")).unwrap();
     // `dtype="auto"` as the planner resolves it from config.json alone.
     let auto = PlanRequest::new(&cfg).dtype;
     let mut errs = Vec::new();
@@ -162,4 +162,51 @@ fn smollm2_nf4_holds_the_tied_head_once() {
     let mib = model.resident_weight_bytes() as f64 / (1u64 << 20) as f64;
     println!("SmolLM2 NF4 (auto = bf16): {mib:.1} MiB resident");
     assert!(mib < 165.1 - 50.0, "{mib:.1} MiB resident, not below 165.1 - 50 MiB");
+}
+
+/// Every architecture's tiny model (bf16 weights: Mistral, Qwen2 with biases, Qwen3 with q/k
+/// norms, Phi-3 with fused matrices) and its pre-quantized save.
+#[test]
+fn planned_weight_bytes_equal_resident_architectures() {
+    let mut errs = Vec::new();
+    for arch in ["mistral", "qwen2", "qwen3", "phi3"] {
+        errs.extend(check_model(&root().join(format!("models/tiny-{arch}")).display().to_string()));
+        errs.extend(check_model(&fixture(&format!("arch/tiny-{arch}/hf-bnb-nf4-dq")).display().to_string()));
+    }
+    assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));
+}
+
+/// Mistral's KV cache is bounded by its window (32 here): after 52 positions, prefill and decode,
+/// each layer holds 32 positions, and the planner counted exactly that.
+#[test]
+fn windowed_kv_cache_is_what_the_planner_counts() {
+    use candle_core::{Device, Tensor};
+    let dir = root().join("models/tiny-mistral").display().to_string();
+    let cfg = ModelConfig::from_file(format!("{dir}/config.json")).unwrap();
+    assert!(cfg.layer_windows.iter().all(|w| *w == Some(32)), "{:?}", cfg.layer_windows);
+    let opts = LoadOptions {
+        quant: BitsAndBytesConfig::nf4(),
+        device_map: DeviceMap::Cpu,
+        inventory: Some(inventory()),
+        max_seq_len: Some(52),
+        ..LoadOptions::default()
+    };
+    let model = Model::load(&dir, &opts).unwrap();
+    let mut request = opts.plan_request(&cfg);
+    request.dtype = model.dtype();
+    let plan = nibble::plan(&cfg, &BitsAndBytesConfig::nf4(), &request, &inventory()).unwrap();
+    let planned: u64 = plan.usage.iter().map(|u| u.kv_bytes).sum();
+    let per_position = 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype().size_in_bytes();
+    assert_eq!(planned, (cfg.num_hidden_layers * 32 * per_position) as u64, "planned KV bytes");
+
+    let ids: Vec<u32> = (0..52u32).map(|i| (i * 7) % 500).collect();
+    let mut cache = model.new_cache();
+    let prefill = Tensor::new(&ids[..40], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    model.forward(&prefill, 0, &mut cache).unwrap();
+    for (i, &id) in ids.iter().enumerate().skip(40) {
+        let input = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        model.forward(&input, i, &mut cache).unwrap();
+    }
+    assert_eq!(cache.len(), 52);
+    assert_eq!(cache.bytes() as u64, planned, "KV bytes held after 52 positions");
 }
