@@ -7,131 +7,21 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use common::*;
 use nibble::{BitsAndBytesConfig, DeviceMap, Error, LoadOptions, Model, ModelDtype};
 
-/// Rounds to bf16 and back, so that the GGUF's f32 values survive nibble's bf16 rounding intact.
-fn bf16_exact(t: &Tensor) -> Tensor {
-    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
-}
-
-/// llama.cpp's rotary permutation of a Q or K weight (its converter's `permute`).
-fn permute(w: &Tensor, n_head: usize) -> Tensor {
-    let (out, inp) = w.dims2().unwrap();
-    w.reshape((n_head, 2, out / n_head / 2, inp))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((out, inp))
-        .unwrap()
-}
-
-/// The GGUF name of a Hugging Face tensor name.
-fn gguf_name(hf: &str) -> String {
-    let fixed = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
-    let (layer, part) = rest.split_once('.').unwrap();
-    let part = match part {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        other => panic!("unexpected tensor {other}"),
-    };
-    format!("blk.{layer}.{part}")
-}
-
 /// The tiny model's weights, rounded to bf16 values (kept as f32).
 fn tiny_weights() -> Vec<(String, Tensor)> {
-    let all = candle_core::safetensors::load(Path::new(&tiny_model()).join("model.safetensors"), &Device::Cpu).unwrap();
-    let mut v: Vec<(String, Tensor)> = all.into_iter().map(|(n, t)| (n, bf16_exact(&t))).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+    common::gguf::bf16_weights(Path::new(&tiny_model()))
 }
 
 /// A GGUF of the tiny model (architecture `arch`, pre-tokenizer `pre`), as llama.cpp would write it.
 fn tiny_gguf(arch: &str, pre: &str) -> Vec<u8> {
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(&tiny_model()).join("config.json")).unwrap()).unwrap();
-    let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(&tiny_model()).join("tokenizer.json")).unwrap()).unwrap();
-    let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
-    let kv_heads = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
-
-    let vocab = tok["model"]["vocab"].as_object().unwrap();
-    let mut tokens = vec![String::new(); vocab.len()];
-    for (text, id) in vocab {
-        tokens[id.as_u64().unwrap() as usize] = text.clone();
-    }
-    let mut types = vec![1i32; tokens.len()];
-    for added in tok["added_tokens"].as_array().unwrap() {
-        types[added["id"].as_u64().unwrap() as usize] = 3;
-    }
-    let merges: Vec<Value> = tok["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| Value::String(format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap())))
-        .collect();
-    let u32v = |k: &str| Value::U32(cfg[k].as_u64().unwrap() as u32);
-    let metadata: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String(arch.into())),
-        ("llama.block_count", u32v("num_hidden_layers")),
-        ("llama.context_length", u32v("max_position_embeddings")),
-        ("llama.embedding_length", u32v("hidden_size")),
-        ("llama.feed_forward_length", u32v("intermediate_size")),
-        ("llama.attention.head_count", u32v("num_attention_heads")),
-        ("llama.attention.head_count_kv", u32v("num_key_value_heads")),
-        ("llama.rope.freq_base", Value::F32(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("tokenizer.ggml.model", Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre", Value::String(pre.into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges", Value::Array(merges)),
-        ("tokenizer.ggml.bos_token_id", Value::U32(0)),
-        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
-        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
-    ];
-    let tensors: Vec<(String, QTensor)> = tiny_weights()
-        .into_iter()
-        .map(|(name, t)| {
-            let t = if name.ends_with("q_proj.weight") {
-                permute(&t, heads)
-            } else if name.ends_with("k_proj.weight") {
-                permute(&t, kv_heads)
-            } else {
-                t
-            };
-            (gguf_name(&name), QTensor::quantize(&t, GgmlDType::F32).unwrap())
-        })
-        .collect();
-    let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut out = Cursor::new(Vec::new());
-    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
-    out.into_inner()
+    common::gguf::gguf_of(Path::new(&tiny_model()), arch, pre)
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
