@@ -29,6 +29,18 @@ pub fn smollm2_dir() -> Option<String> {
     }
 }
 
+/// `models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf` (made by `models/fetch-qwen2.5-coder.sh`), or
+/// `None` with the reason printed when it is missing, so that the tests needing it skip.
+pub fn qwen_gguf() -> Option<String> {
+    let file = root().join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    if file.is_file() {
+        Some(file.display().to_string())
+    } else {
+        println!("skipped: {} is missing; run models/fetch-qwen2.5-coder.sh to make it", file.display());
+        None
+    }
+}
+
 /// A fixture path.
 pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
