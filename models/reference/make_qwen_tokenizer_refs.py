@@ -12,7 +12,8 @@ GGUF defaults to models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf. The tokenizer i
 
 - `ppl`: `tokenizer(text)["input_ids"][:256]` of tests/fixtures/ppl-text.txt (no BOS: Qwen's file
   says `tokenizer.ggml.add_bos_token` = false);
-- `cases`: per tricky string, `tokenizer(s)["input_ids"]` and `tokenizer.decode(ids)`;
+- `cases`: per tricky string, `tokenizer(s)["input_ids"]` and `tokenizer.decode(ids)`, with and
+  without `skip_special_tokens`;
 - `nfc`: one decomposed string, where transformers' GGUF tokenizer (no normalizer) and Qwen's own
   tokenizer.json (NFC normalizer, as `Qwen2Tokenizer` sets it) part: both id lists are kept;
 - `chat`: `apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` and the ids
@@ -56,7 +57,7 @@ for s in CASES:
 
 def case(s):
     ids = tok(s)["input_ids"]
-    return {"text": s, "ids": ids, "decoded": tok.decode(ids)}
+    return {"text": s, "ids": ids, "decoded": tok.decode(ids), "decoded_skip_special": tok.decode(ids, skip_special_tokens=True)}
 
 text = open(os.path.join(ROOT, "tests/fixtures/ppl-text.txt"), encoding="utf-8").read()
 
@@ -81,6 +82,8 @@ ref = {
     "source": "transformers AutoTokenizer.from_pretrained(gguf_file=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf); "
     "made by models/reference/make_qwen_tokenizer_refs.py",
     "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+    "vocab_size": len(tok),
+    "special": {"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token, "add_bos_token": tok.add_bos_token},
     "ppl": {"file": "tests/fixtures/ppl-text.txt", "ids": tok(text)["input_ids"][:256]},
     "cases": [case(s) for s in CASES],
     "nfc": {"text": decomposed, "ids_transformers_gguf": tok(decomposed)["input_ids"], "ids_qwen_tokenizer_json": nfc_ids},
