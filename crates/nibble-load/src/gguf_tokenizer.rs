@@ -3,10 +3,11 @@
 //! One JSON document is both what `import_gguf` writes to disk and what a direct GGUF load parses,
 //! so the two paths cannot tokenize differently. It is built from `tokenizer.ggml.tokens`,
 //! `tokenizer.ggml.merges` and `tokenizer.ggml.token_type` (control and unknown tokens become
-//! special added tokens, user-defined ones plain added tokens), with the pre-tokenizer that
-//! `tokenizer.ggml.pre` names. Only byte-level BPE (`tokenizer.ggml.model` = `gpt2`) is built, and
-//! only the pre-tokenizers listed in [`SUPPORTED_PRE`]: an unknown one would split text
-//! differently than the model was trained on and still "work", so it is refused.
+//! special added tokens, user-defined ones plain added tokens, and llama.cpp's unused `[PAD…]`
+//! fillers plain vocabulary, as transformers' GGUF loader has them), with the pre-tokenizer and
+//! normalizer that `tokenizer.ggml.pre` names. Only byte-level BPE (`tokenizer.ggml.model` =
+//! `gpt2`) is built, and only the pre-tokenizers listed in [`SUPPORTED_PRE`]: an unknown one would
+//! split text differently than the model was trained on and still "work", so it is refused.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -20,7 +21,12 @@ use crate::gguf::GgufFile;
 use crate::tokenizer::TextTokenizer;
 
 /// The `tokenizer.ggml.pre` values nibble implements.
-pub const SUPPORTED_PRE: [&str; 2] = ["smollm", "gpt2"];
+pub const SUPPORTED_PRE: [&str; 3] = ["smollm", "gpt2", "qwen2"];
+
+/// Qwen2's split (its tokenizer.json, transformers' `Qwen2Tokenizer` and llama.cpp's
+/// `LLAMA_VOCAB_PRE_TYPE_QWEN2` agree): GPT-4-like, but every digit alone (`\p{N}`, not
+/// `\p{N}{1,3}`) and case-insensitive contractions.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// llama.cpp's token types (`llama_token_type`).
 const TOKEN_TYPE_UNKNOWN: i64 = 2;
@@ -75,7 +81,28 @@ fn pre_tokenizer(pre: &str) -> Option<Value> {
             "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(false, true)]
         })),
         "gpt2" => Some(byte_level(false, true)),
+        // The regex does the splitting, so ByteLevel only maps bytes to its alphabet.
+        "qwen2" => Some(json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+            ]
+        })),
         _ => None,
+    }
+}
+
+/// The normalizer for a `tokenizer.ggml.pre` value, as the model's original tokenizer.json has it.
+///
+/// Qwen2's tokenizer.json composes text to NFC before splitting. A GGUF does not record it, and
+/// llama.cpp and transformers' GGUF loader leave it out, but the model was trained on NFC text: a
+/// decomposed "é" (`e` + U+0301) would otherwise become byte tokens it rarely saw. NFC text, which
+/// is nearly all text, tokenizes the same either way.
+fn normalizer(pre: &str) -> Value {
+    match pre {
+        "qwen2" => json!({"type": "NFC"}),
+        _ => Value::Null,
     }
 }
 
@@ -250,7 +277,7 @@ impl GgufTokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer(pre_name),
             "pre_tokenizer": pre,
             "post_processor": post_processor,
             "decoder": byte_level(true, true),
@@ -280,7 +307,11 @@ impl GgufTokenizer {
             add_eos_token,
             chat_template: gguf.meta_str("tokenizer.chat_template")?.map(str::to_string),
             special_tokens,
-            model_max_length: gguf.meta_u64("llama.context_length")?,
+            // The key is per architecture (`llama.context_length`, `qwen2.context_length`...).
+            model_max_length: match gguf.meta_str("general.architecture")? {
+                Some(arch) => gguf.meta_u64(&format!("{arch}.context_length"))?,
+                None => None,
+            },
         })
     }
 
@@ -382,25 +413,47 @@ mod tests {
         assert_eq!(split_merge(""), None);
     }
 
-    #[test]
-    fn smollm_splits_digits_one_by_one() {
+    /// A tokenizer of `tokens` (ids in order) and `merges`, split as `pre` says.
+    fn tiny(pre: &str, tokens: &[&str], merges: &[[&str; 2]]) -> tokenizers::Tokenizer {
         let mut vocab = Map::new();
-        for (i, t) in ["1", "2", "3", "a", "Ġ", "Ġa", "12"].iter().enumerate() {
+        for (i, t) in tokens.iter().enumerate() {
             vocab.insert(t.to_string(), Value::from(i));
         }
         let doc = json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-            "pre_tokenizer": pre_tokenizer("smollm"), "post_processor": byte_level(true, false),
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": normalizer(pre),
+            "pre_tokenizer": pre_tokenizer(pre), "post_processor": byte_level(true, false),
             "decoder": byte_level(true, true),
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": [["Ġ", "a"], ["1", "2"]]}
+                      "vocab": vocab, "merges": merges}
         });
-        let tok = tokenizers::Tokenizer::from_str(&doc.to_string()).unwrap();
+        tokenizers::Tokenizer::from_str(&doc.to_string()).unwrap()
+    }
+
+    #[test]
+    fn smollm_splits_digits_one_by_one() {
+        let tok = tiny("smollm", &["1", "2", "3", "a", "Ġ", "Ġa", "12"], &[["Ġ", "a"], ["1", "2"]]);
         // "12" is in the vocabulary with a merge, yet digits stay apart: the Digits pre-tokenizer
         // splits them before BPE sees them.
         let ids = tok.encode("123 a", false).unwrap().get_ids().to_vec();
         assert_eq!(ids, vec![0, 1, 2, 5]);
         assert_eq!(tok.decode(&ids, false).unwrap(), "123 a");
+    }
+
+    #[test]
+    fn qwen2_splits_digits_and_contractions_and_composes_to_nfc() {
+        let tokens = ["1", "2", "3", "'", "L", "'L", "'LL", "LL", "Ã", "©", "Ã©", "e", "Ġ", "Ġe", "12"];
+        let merges = [["1", "2"], ["'", "L"], ["'L", "L"], ["L", "L"], ["Ã", "©"], ["Ġ", "e"]];
+        let tok = tiny("qwen2", &tokens, &merges);
+        let ids = |text: &str| tok.encode(text, false).unwrap().get_ids().to_vec();
+        // Every digit alone, though "12" has a merge.
+        assert_eq!(ids("123"), vec![0, 1, 2]);
+        // Contractions match whatever their case: "'LL" is one piece, so its merges apply.
+        assert_eq!(ids("'LL"), vec![6]);
+        // A space goes with the letters after it.
+        assert_eq!(ids(" e"), vec![13]);
+        // "e" + U+0301 becomes "é" (bytes C3 A9, "Ã©" in the byte alphabet) before splitting.
+        assert_eq!(ids("e\u{301}"), vec![10]);
+        assert_eq!(tok.decode(&[10], false).unwrap(), "é");
     }
 }
