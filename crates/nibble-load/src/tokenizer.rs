@@ -33,6 +33,11 @@ impl ChatTemplate {
     /// Compiles `source`.
     pub fn new(source: String) -> Result<Self> {
         let mut env = minijinja::Environment::new();
+        // transformers compiles chat templates with `trim_blocks` and `lstrip_blocks`: a block tag
+        // swallows the newline after it and the indentation before it. Templates written over
+        // several indented lines (Qwen2's, say) rely on it.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         // HF templates call Python string methods (`.strip()`, `.startswith()`...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
@@ -203,5 +208,19 @@ impl TextTokenizer {
             self.eos_token.as_deref().unwrap_or(""),
         )?;
         self.encode(&text, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_tags_trim_as_transformers_does() {
+        // jinja2 with trim_blocks and lstrip_blocks (transformers' settings) renders "U:a\nU:c\n".
+        let source = "{% for m in messages %}\n  {% if m.role == 'user' %}\nU:{{ m.content }}\n  {% endif %}\n{% endfor %}";
+        let tmpl = ChatTemplate::new(source.to_string()).unwrap();
+        let messages = [ChatMessage::new("user", "a"), ChatMessage::new("x", "b"), ChatMessage::new("user", "c")];
+        assert_eq!(tmpl.render(&messages, false, "", "").unwrap(), "U:a\nU:c\n");
     }
 }
