@@ -24,7 +24,7 @@ pub struct Spec {
     pub system: String,
     /// The model folder or GGUF file.
     pub path: PathBuf,
-    /// For nibble: `nf4`, `nf4-dq`, `fp4`, `int8`, `f32`, `bf16`.
+    /// For nibble: `nf4`, `nf4-bf16`, `nf4-dq`, `fp4`, `int8`, `f32`, `bf16`.
     pub config: String,
     /// Greedy tokens to decode.
     pub decode: usize,
@@ -63,6 +63,9 @@ pub struct Measured {
 pub fn nibble_config(name: &str) -> Result<(BitsAndBytesConfig, ModelDtype)> {
     Ok(match name {
         "nf4" => (BitsAndBytesConfig::nf4(), ModelDtype::Auto),
+        // NF4 with the unquantized parts (embeddings, lm_head, activations) in bf16: for a GGUF,
+        // whose `auto` is float32 as in transformers' GGUF loader.
+        "nf4-bf16" => (BitsAndBytesConfig::nf4(), ModelDtype::Bf16),
         "nf4-dq" => (BitsAndBytesConfig::nf4().with_double_quant(true), ModelDtype::Auto),
         "fp4" => (BitsAndBytesConfig::fp4(), ModelDtype::Auto),
         "int8" => (BitsAndBytesConfig::int8(), ModelDtype::Auto),

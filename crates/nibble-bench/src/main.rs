@@ -39,6 +39,13 @@ struct Args {
     /// The SmolLM2 Q4_1 GGUF for candle's quantized path (skipped when absent).
     #[arg(long, default_value = "models/smollm2-135m-instruct.Q4_1.gguf")]
     gguf: PathBuf,
+    /// The Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF (`models/fetch-qwen2.5-coder.sh`; skipped when
+    /// absent): nibble loads it directly and quantizes it on load.
+    #[arg(long, default_value = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")]
+    qwen: PathBuf,
+    /// nibble configurations run on Qwen2.5-Coder-0.5B.
+    #[arg(long, value_delimiter = ',', default_value = "nf4,nf4-bf16")]
+    qwen_configs: Vec<String>,
     /// Greedy tokens per decode measurement.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
@@ -144,6 +151,16 @@ fn run_models(args: &Args, temp: &Path, rows: &mut Vec<Row>, notes: &mut Vec<Str
         }
     } else {
         notes.push(format!("{} is absent; candle's GGUF rows for SmolLM2 skipped.", args.gguf.display()));
+    }
+
+    let qwen = "Qwen2.5-Coder-0.5B";
+    if args.qwen.is_file() {
+        warm_page_cache(&args.qwen);
+        for c in &args.qwen_configs {
+            rows.push(measure(qwen, &format!("nibble {c} (from the Q4_K_M GGUF)"), "nibble", &args.qwen, c, args));
+        }
+    } else {
+        notes.push(format!("{} is absent (run models/fetch-qwen2.5-coder.sh); Qwen rows skipped.", args.qwen.display()));
     }
 
     if args.skip_1b {
