@@ -64,15 +64,7 @@ fn logits_match_transformers_in_prefill_and_decode() {
             }
             // Splits before and past Mistral's 32-token window.
             for split in [3, 40] {
-                let mut cache = model.new_cache();
-                let mut rows = Vec::new();
-                let prefill = Tensor::new(&ids[..split], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-                rows.push(model.forward(&prefill, 0, &mut cache).unwrap().squeeze(0).unwrap());
-                for (i, &id) in ids.iter().enumerate().skip(split) {
-                    let input = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-                    rows.push(model.forward(&input, i, &mut cache).unwrap().squeeze(0).unwrap());
-                }
-                let d = max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), want);
+                let d = max_abs_diff(&stepwise_logits(&model, &ids, split), want);
                 assert!(d < tol, "{arch} {key}, prefill {split} then decode: max abs diff {d} >= {tol}");
             }
         }

@@ -78,21 +78,10 @@ fn sampling_is_seeded_and_chat_template_renders() {
     assert!(text.starts_with("<|begin_of_text|><|start|>user\nhi<|eot_id|><|start|>assistant\n"), "{text:?}");
 }
 
-/// Logits of `ids` fed as a prefill of `split` tokens and then one token at a time (the decode
-/// step, which runs on host buffers for a CPU model in f32), stacked as `[seq, vocab]`.
+/// [`common::stepwise_logits`] of the tiny model quantized as `quant`.
 fn stepwise_logits(quant: BitsAndBytesConfig, ids: &[u32], split: usize) -> candle_core::Tensor {
-    use candle_core::{Device, Tensor};
     let model = nibble::from_pretrained(&tiny_model(), quant, DeviceMap::Auto).unwrap();
-    let mut cache = model.new_cache();
-    let mut rows = Vec::new();
-    let prefill = Tensor::new(&ids[..split], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    rows.push(model.forward(&prefill, 0, &mut cache).unwrap().squeeze(0).unwrap());
-    for (i, &id) in ids.iter().enumerate().skip(split) {
-        let input = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        rows.push(model.forward(&input, i, &mut cache).unwrap().squeeze(0).unwrap());
-    }
-    assert_eq!(cache.len(), ids.len());
-    Tensor::cat(&rows, 0).unwrap()
+    common::stepwise_logits(&model, ids, split)
 }
 
 #[test]

@@ -63,6 +63,21 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// Logits of `ids` fed as a prefill of `split` tokens and then one token at a time (the decode
+/// step, which runs on host buffers for a CPU model), stacked as `[seq, vocab]`.
+pub fn stepwise_logits(model: &nibble::Model, ids: &[u32], split: usize) -> Tensor {
+    let mut cache = model.new_cache();
+    let mut rows = Vec::new();
+    let prefill = Tensor::new(&ids[..split], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    rows.push(model.forward(&prefill, 0, &mut cache).unwrap().squeeze(0).unwrap());
+    for (i, &id) in ids.iter().enumerate().skip(split) {
+        let input = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        rows.push(model.forward(&input, i, &mut cache).unwrap().squeeze(0).unwrap());
+    }
+    assert_eq!(cache.len(), ids.len());
+    Tensor::cat(&rows, 0).unwrap()
+}
+
 /// Copies a folder (flat) into a new temp dir, for tests that damage a model.
 pub fn copy_model(src: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

@@ -58,9 +58,13 @@ pub struct PlanArgs {
     pub simulate: Option<String>,
 }
 
-/// Reads config.json for `model`: a folder, the file itself, or a hub id fetched alone.
+/// Reads config.json for `model`: a folder, the file itself, or a hub id fetched alone; for a
+/// GGUF file, its metadata (no weight is read).
 fn read_config(model: &str) -> anyhow::Result<ModelConfig> {
     let p = Path::new(model);
+    if p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return Ok(nibble::GgufFile::open(p)?.config()?);
+    }
     let path: PathBuf = if p.is_dir() {
         p.join("config.json")
     } else if p.is_file() {

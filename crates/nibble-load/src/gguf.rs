@@ -299,9 +299,10 @@ impl GgufFile {
 
     /// The model's hyperparameters, from the `<architecture>.*` metadata and the vocabulary.
     ///
-    /// `dtype` is `bfloat16`, the precision [`GgufFile::tensor_bf16`] delivers; the embeddings are
-    /// tied when the file has no `output.weight`, as llama.cpp does; biases are what the file
-    /// holds (llama.cpp writes the ones the model has).
+    /// `dtype` is not set: transformers' GGUF loader resolves `dtype="auto"` to float32 (the
+    /// values are dequantized), and so does everything that reads this config (loader, planner).
+    /// The embeddings are tied when the file has no `output.weight`, as llama.cpp does; biases are
+    /// what the file holds (llama.cpp writes the ones the model has).
     pub fn config(&self) -> Result<ModelConfig> {
         let p = &self.path;
         let k = |key: &str| self.key(key);
@@ -409,7 +410,7 @@ impl GgufFile {
             tie_word_embeddings: !self.contains("lm_head.weight"),
             biases,
             layer_windows: vec![None; num_hidden_layers],
-            dtype: Some("bfloat16".into()),
+            dtype: None,
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
             quantization_config: None,

@@ -37,7 +37,7 @@ pub use source::Source;
 pub use nibble_core::{Error, Result};
 pub use nibble_llama::{KvCache, Placement};
 pub use nibble_load::hub::{HubConfig, HubToken, RetryPolicy};
-pub use nibble_load::{Arch, ChatMessage, GenerationConfig, ModelConfig, ModelFiles, RopeScaling};
+pub use nibble_load::{Arch, ChatMessage, GenerationConfig, GgufFile, ModelConfig, ModelFiles, RopeScaling};
 pub use nibble_plan::{plan, CudaStatus, DeviceMap, DeviceSpec, Inventory, LayerPlan, MaxMemory, Plan, PlanRequest};
 pub use nibble_quant::{BitsAndBytesConfig, ComputeDtype, ModelDtype, QuantMethod, QuantType};
 
