@@ -50,7 +50,7 @@ fn read(f: &Fields<'_>, c: &Common) -> Result<Specifics> {
     let factor = f.partial_rotary_factor()?;
     // transformers: `dim = int(head_dim * partial_rotary_factor)`, rotated in two halves.
     let rotary = (c.head_dim as f64 * factor).floor();
-    if !(factor > 0.0 && factor <= 1.0) || rotary < 2.0 || rotary as usize % 2 != 0 {
+    if !(factor > 0.0 && factor <= 1.0) || rotary < 2.0 || !(rotary as usize).is_multiple_of(2) {
         return Err(f.unsupported(
             "partial_rotary_factor",
             &serde_json::json!(factor),
