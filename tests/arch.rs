@@ -180,3 +180,25 @@ fn bad_configs_are_typed_errors() {
     v["attn_logit_softcapping"] = serde_json::json!(50.0);
     check(v, "attn_logit_softcapping");
 }
+
+/// Phi-3 with `partial_rotary_factor` 0.5 (16 of each head's 32 dimensions rotate; the tiny
+/// Phi-3's weights): logits within 1e-4 of transformers', in prefill and in decode steps
+/// (`tests/fixtures/arch/tiny-phi3-partial`, made by `models/reference/make_phi3_partial_refs.py`).
+#[test]
+fn phi3_partial_rotary_matches_transformers() {
+    let dir = copy_model(&model_dir("phi3"));
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["rope_parameters"]["partial_rotary_factor"] = serde_json::json!(0.5);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let r = candle_core::safetensors::load(fixture("arch/tiny-phi3-partial/logits.safetensors"), &Device::Cpu).unwrap();
+    let ids = ids_of(&r["input_ids"]);
+    let model = load(dir.path().to_str().unwrap(), BitsAndBytesConfig::none());
+    assert_eq!(model.config().rotary_dim, 16);
+    let d = max_abs_diff(&model.logits(&ids).unwrap(), &r["logits_f32"]);
+    assert!(d < 1e-4, "prefill: max abs diff {d} >= 1e-4");
+    let d = max_abs_diff(&stepwise_logits(&model, &ids, 3), &r["logits_f32"]);
+    assert!(d < 1e-4, "decode: max abs diff {d} >= 1e-4");
+    // And the whole-head reference differs, so the test can tell the two apart.
+    assert!(max_abs_diff(&model.logits(&ids).unwrap(), &refs("phi3")["logits_f32"]) > 1e-2);
+}
