@@ -4,7 +4,7 @@ use std::io::{self, BufRead, IsTerminal, Write};
 
 use anyhow::Context;
 use clap::Args;
-use nibble::{ChatMessage, GenerateOptions, Generation, Model};
+use nibble::{ChatMessage, GenerateOptions, Generation, Model, Session};
 
 use crate::args::ModelArgs;
 use crate::report::Stats;
@@ -27,13 +27,15 @@ pub struct ChatArgs {
 
 const HELP: &str = "type a message; /reset clears the conversation, /exit (or end of input) quits";
 
-/// A conversation with a model: the history the chat template is applied to, plus statistics.
+/// A conversation with a model: the history the chat template is applied to, the session whose
+/// KV cache holds the turns so far (so a turn prefills only its new messages), plus statistics.
 #[derive(Debug)]
 pub struct Chat<'m> {
     model: &'m Model,
     opts: GenerateOptions,
     system: Option<String>,
     history: Vec<ChatMessage>,
+    session: Session,
     stats: Stats,
     warned_context: bool,
 }
@@ -41,7 +43,9 @@ pub struct Chat<'m> {
 impl<'m> Chat<'m> {
     /// A new conversation, opened by `system` when given.
     pub fn new(model: &'m Model, opts: GenerateOptions, system: Option<String>) -> Self {
-        let mut chat = Self { model, opts, system, history: Vec::new(), stats: Stats::default(), warned_context: false };
+        let session = model.new_session();
+        let mut chat =
+            Self { model, opts, system, history: Vec::new(), session, stats: Stats::default(), warned_context: false };
         chat.reset();
         chat
     }
@@ -49,6 +53,7 @@ impl<'m> Chat<'m> {
     /// Forgets every turn, keeping the system message.
     pub fn reset(&mut self) {
         self.history.clear();
+        self.session.clear();
         if let Some(s) = &self.system {
             self.history.push(ChatMessage::new("system", s.clone()));
         }
@@ -71,7 +76,7 @@ impl<'m> Chat<'m> {
     fn ask(&mut self, user: &str, out: &mut impl Write) -> io::Result<nibble::Result<Generation>> {
         self.history.push(ChatMessage::new("user", user));
         let mut write_error = None;
-        let result = self.model.chat(&self.history, &self.opts, |piece| {
+        let result = self.model.chat_in(&mut self.session, &self.history, &self.opts, |piece| {
             // The callback cannot fail, so keep the first write error for after generation.
             if write_error.is_none() {
                 write_error = out.write_all(piece.as_bytes()).and_then(|()| out.flush()).err();

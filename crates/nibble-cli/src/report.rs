@@ -26,6 +26,10 @@ pub struct Stats {
     pub decode_secs: f64,
     /// Seconds of prefill.
     pub prefill_secs: f64,
+    /// Prompt tokens prefilled (the ones a session did not hold already).
+    pub prefilled_tokens: usize,
+    /// Prompt tokens whose keys and values were reused from earlier turns.
+    pub cached_tokens: usize,
 }
 
 impl Stats {
@@ -36,6 +40,8 @@ impl Stats {
         self.decode_tokens += g.tokens.len().saturating_sub(1);
         self.decode_secs += g.decode_secs;
         self.prefill_secs += g.prefill_secs;
+        self.prefilled_tokens += g.prompt_tokens.saturating_sub(g.cached_tokens);
+        self.cached_tokens += g.cached_tokens;
     }
 
     /// Decode tokens per second over all turns; the same figure as
@@ -58,6 +64,12 @@ impl Stats {
         eprintln!("generated tokens: {}", self.tokens);
         eprintln!("decode speed:     {:.2} tokens/s", self.decode_tokens_per_sec());
         eprintln!("prefill:          {:.3} s", self.prefill_secs);
+        if self.cached_tokens > 0 {
+            eprintln!(
+                "prompt tokens:    {} prefilled, {} reused from earlier turns",
+                self.prefilled_tokens, self.cached_tokens
+            );
+        }
         eprintln!(
             "resident weights: {:.2} MiB ({bytes} bytes), {}",
             bytes as f64 / (1024.0 * 1024.0),

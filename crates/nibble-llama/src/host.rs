@@ -156,6 +156,19 @@ impl HostKv {
         (self.k.len() + self.v.len()) * self.k.elem_bytes()
     }
 
+    /// Whether the first `len` positions are all still held (a window's ring may have
+    /// overwritten them).
+    pub(crate) fn can_truncate(&self, len: usize) -> bool {
+        len >= self.seen || self.kept() == self.seen
+    }
+
+    /// Keeps the first `len` positions; their slots are untouched, later appends overwrite the rest.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        if self.can_truncate(len) {
+            self.seen = self.seen.min(len);
+        }
+    }
+
     /// The slot of position `pos`.
     fn slot(&self, pos: usize) -> usize {
         match self.window {

@@ -176,6 +176,29 @@ impl Slot {
             Slot::Host(h) => h.bytes(),
         }
     }
+
+    /// Whether the first `len` positions (fewer than seen) are all still held.
+    fn can_truncate(&self, len: usize) -> bool {
+        match self {
+            Slot::Empty => true,
+            Slot::Tensors(k, _, seen) => k.dim(2).is_ok_and(|kept| kept == *seen),
+            Slot::Host(h) => h.can_truncate(len),
+        }
+    }
+
+    /// Keeps the first `len` positions ([`Slot::can_truncate`] said it can).
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        match self {
+            Slot::Empty => {}
+            Slot::Tensors(k, v, seen) => {
+                *k = k.narrow(2, 0, len)?.contiguous()?;
+                *v = v.narrow(2, 0, len)?.contiguous()?;
+                *seen = len;
+            }
+            Slot::Host(h) => h.truncate(len),
+        }
+        Ok(())
+    }
 }
 
 impl KvCache {
@@ -202,6 +225,22 @@ impl KvCache {
     /// Bytes held by the cache (host buffers count their spare capacity).
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(Slot::bytes).sum()
+    }
+
+    /// Forgets every position from `len` on, keeping the first `len` (a prompt's shared prefix,
+    /// reused by the next request). Returns false, leaving the cache as it was, when a layer
+    /// cannot: a windowed layer has already dropped positions the shorter cache would need.
+    pub fn truncate(&mut self, len: usize) -> Result<bool> {
+        if len >= self.len() {
+            return Ok(true);
+        }
+        if !self.layers.iter().all(|s| s.can_truncate(len)) {
+            return Ok(false);
+        }
+        for slot in &mut self.layers {
+            slot.truncate(len)?;
+        }
+        Ok(true)
     }
 }
 

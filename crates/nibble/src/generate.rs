@@ -99,6 +99,9 @@ pub enum StopReason {
 pub struct Generation {
     /// Number of prompt tokens.
     pub prompt_tokens: usize,
+    /// Of those, the leading ones whose keys and values a session already held (not prefilled
+    /// again; 0 without a session).
+    pub cached_tokens: usize,
     /// The new tokens (an eos that stopped generation included).
     pub tokens: Vec<u32>,
     /// The new text (special tokens left out).

@@ -32,7 +32,7 @@ pub use candle_core::DType;
 
 pub use generate::{GenerateOptions, Generation, StopReason};
 pub use gguf::import_gguf;
-pub use model::Model;
+pub use model::{Model, Session};
 pub use source::Source;
 pub use nibble_core::{Error, Result};
 pub use nibble_llama::{KvCache, Placement};

@@ -15,6 +15,32 @@ use crate::source::{self, Source};
 use crate::{device_for, LoadOptions};
 use nibble_plan::{human, Inventory, PREFILL_CHUNK};
 
+/// A KV cache kept between requests, with the token ids it holds ([`Model::new_session`]): a
+/// prompt that starts with those ids reuses their keys and values.
+#[derive(Debug, Clone)]
+pub struct Session {
+    cache: KvCache,
+    ids: Vec<u32>,
+}
+
+impl Session {
+    /// The token ids whose keys and values the session holds.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.cache.clear();
+        self.ids.clear();
+    }
+
+    /// Bytes of keys and values held.
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+}
+
 /// A loaded model.
 #[derive(Debug)]
 pub struct Model {
@@ -272,8 +298,36 @@ impl Model {
     }
 
     /// Generates from token ids, calling `on_text` with each new piece of text as it forms.
-    pub fn generate(
+    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions, on_text: impl FnMut(&str)) -> Result<Generation> {
+        self.generate_in(&mut self.new_session(), prompt, opts, on_text)
+    }
+
+    /// A session: a KV cache kept between requests, with the token ids it holds.
+    pub fn new_session(&self) -> Session {
+        Session { cache: self.new_cache(), ids: Vec::new() }
+    }
+
+    /// [`Model::generate`] in `session`: the longest prefix of `prompt` that the session already
+    /// holds (the earlier turns of a chat) is reused, only the rest is prefilled
+    /// ([`Generation::cached_tokens`] says how many were reused). On return the session holds
+    /// the prompt and the new tokens but the last; on an error it is emptied.
+    pub fn generate_in(
         &self,
+        session: &mut Session,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let out = self.generate_session(session, prompt, opts, on_text);
+        if out.is_err() {
+            session.clear();
+        }
+        out
+    }
+
+    fn generate_session(
+        &self,
+        session: &mut Session,
         prompt: &[u32],
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
@@ -282,17 +336,25 @@ impl Model {
         if prompt.is_empty() {
             return Err(Error::invalid_argument("prompt", "needs at least one token"));
         }
+        // At least one prompt token is fed, for the logits of the first new token.
+        let shared = session.ids.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        let cached = if session.cache.truncate(shared)? { shared } else { 0 };
+        if cached == 0 {
+            session.cache.clear();
+        }
+        session.ids.truncate(cached);
+        let cache = &mut session.cache;
         let mut processor = opts.logits_processor();
-        let mut cache = self.new_cache();
         let mut context: Vec<u32> = prompt.to_vec();
         let mut tokens: Vec<u32> = Vec::new();
         let mut shown = String::new();
         let started = Instant::now();
         let mut first_token_at = None;
         let mut stop = StopReason::MaxTokens;
-        let mut input = prompt.to_vec();
+        let mut input = prompt[cached..].to_vec();
         while tokens.len() < opts.max_new_tokens {
-            let logits = self.forward_chunked(&input, &mut cache, true)?.flatten_all()?;
+            let logits = self.forward_chunked(&input, cache, true)?.flatten_all()?;
+            session.ids.extend_from_slice(&input);
             let logits = if opts.repetition_penalty != 1.0 {
                 candle_transformers::utils::apply_repeat_penalty(&logits, opts.repetition_penalty, &context)?
             } else {
@@ -326,6 +388,7 @@ impl Model {
         }
         Ok(Generation {
             prompt_tokens: prompt.len(),
+            cached_tokens: cached,
             tokens,
             text,
             stop,
@@ -342,8 +405,20 @@ impl Model {
 
     /// Answers the conversation `messages` with the model's chat template.
     pub fn chat(&self, messages: &[ChatMessage], opts: &GenerateOptions, on_text: impl FnMut(&str)) -> Result<Generation> {
+        self.chat_in(&mut self.new_session(), messages, opts, on_text)
+    }
+
+    /// [`Model::chat`] in `session`: a conversation's later turns prefill only what the session
+    /// does not hold yet (their new messages), as [`Model::generate_in`].
+    pub fn chat_in(
+        &self,
+        session: &mut Session,
+        messages: &[ChatMessage],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
         let ids = self.tokenizer()?.apply_chat_template(messages, true)?;
-        self.generate(&ids, opts, on_text)
+        self.generate_in(session, &ids, opts, on_text)
     }
 
     /// Perplexity over the first `max_tokens` tokens of `text` (special tokens added):
