@@ -35,6 +35,16 @@ impl Session {
         self.ids.clear();
     }
 
+    /// Positions the KV cache holds (the length of [`Session::ids`]).
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether the session holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
     /// Bytes of keys and values held.
     pub fn kv_bytes(&self) -> usize {
         self.cache.bytes()
