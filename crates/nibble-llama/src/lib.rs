@@ -54,6 +54,15 @@ pub trait WeightProvider {
     /// Whether the linear layer `name` is quantized (a tied `lm_head` that is not shares the
     /// embedding's storage instead of being loaded again).
     fn quantizes(&self, name: &str) -> bool;
+
+    /// The bias `name.bias` of the linear layer `name` when `shape` says it has one, through
+    /// [`WeightProvider::tensor`] (biases stay unquantized, in the model dtype).
+    fn bias(&mut self, name: &str, shape: LinearShape, device: &Device) -> Result<Option<Tensor>> {
+        if !shape.bias {
+            return Ok(None);
+        }
+        self.tensor(&format!("{name}.bias"), &[shape.out_features], device).map(Some)
+    }
 }
 
 /// The shape of a linear layer a [`WeightProvider`] is asked for.

@@ -40,10 +40,7 @@ impl WeightProvider for GgufProvider<'_> {
     fn linear(&mut self, name: &str, weight_name: &str, shape: LinearShape, device: &Device) -> Result<Box<dyn QuantLinear>> {
         self.progress.set_message(name.to_string());
         let w = self.gguf.tensor_f32(weight_name, &[shape.out_features, shape.in_features])?;
-        let bias = match shape.bias {
-            true => Some(self.tensor(&format!("{name}.bias"), &[shape.out_features], device)?),
-            false => None,
-        };
+        let bias = self.bias(name, shape, device)?;
         let layer = quantize_or_dense(name, &w, bias, self.quant, (self.dtype, self.compute), device)?;
         self.progress.inc(1);
         Ok(layer)

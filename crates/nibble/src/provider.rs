@@ -67,10 +67,7 @@ impl WeightProvider for CheckpointProvider<'_> {
         self.progress.set_message(name.to_string());
         let LinearShape { out_features, in_features, .. } = shape;
         let dims = (out_features, in_features);
-        let bias = match shape.bias {
-            true => Some(self.tensor(&format!("{name}.bias"), &[out_features], device)?),
-            false => None,
-        };
+        let bias = self.bias(name, shape, device)?;
         let layer: Box<dyn QuantLinear> = match prequant::detect(self.weights, weight_name) {
             Stored::FourBit(state, qt) => Box::new(
                 prequant::load_4bit(self.weights, weight_name, &state, qt, dims, self.compute, device)?
