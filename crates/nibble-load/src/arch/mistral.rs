@@ -26,11 +26,7 @@ fn read(f: &Fields<'_>, c: &Common) -> Result<Specifics> {
     f.refuse(&FOREIGN, "Mistral")?;
     f.refuse(&["attention_bias", "mlp_bias"], "Mistral")?;
     f.whole_head_rotary("Mistral")?;
-    let window = match f.obj.get("sliding_window") {
-        None => Some(4096),
-        Some(Value::Null) => None,
-        Some(_) => Some(f.req_usize("sliding_window")?),
-    };
+    let window = f.window(Some(4096))?;
     if f.get("layer_types").is_some() {
         tracing::warn!("{}: Mistral ignores `layer_types` (as transformers does); every layer uses sliding_window", f.path.display());
     }

@@ -280,6 +280,16 @@ impl Fields<'_> {
         Ok(())
     }
 
+    /// `sliding_window` as a config class with default `default` reads it: absent gives the
+    /// default, null no window, else a positive integer.
+    pub fn window(&self, default: Option<usize>) -> Result<Option<usize>> {
+        match self.obj.get("sliding_window") {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(_) => self.req_usize("sliding_window").map(Some),
+        }
+    }
+
     /// `layer_types` (transformers 5's per-layer attention kinds), when given: each entry
     /// `full_attention` or `sliding_attention`, one per layer.
     pub fn layer_types(&self, num_layers: usize) -> Result<Option<Vec<bool>>> {
@@ -399,12 +409,8 @@ pub(crate) const LAYER_NORMS: [Module; 2] = [
 /// on slide.
 pub(crate) fn qwen_windows(f: &Fields<'_>, c: &Common) -> Result<Vec<Option<usize>>> {
     let use_sliding = f.opt_bool("use_sliding_window")?.unwrap_or(false);
-    let window = match f.obj.get("sliding_window") {
-        // The class default (4096) when absent.
-        None => Some(4096),
-        Some(Value::Null) => None,
-        Some(_) => Some(f.req_usize("sliding_window")?),
-    };
+    // The class default is 4096; the value is checked even when unused.
+    let window = f.window(Some(4096))?;
     let window = if use_sliding { window } else { None };
     let sliding = match f.layer_types(c.num_hidden_layers)? {
         Some(types) => types,

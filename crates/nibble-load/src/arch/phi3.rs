@@ -57,10 +57,7 @@ fn read(f: &Fields<'_>, c: &Common) -> Result<Specifics> {
             format!("it must rotate an even number of at least 2 of the head's {} dimensions", c.head_dim),
         ));
     }
-    let window = match f.obj.get("sliding_window") {
-        None | Some(Value::Null) => None,
-        Some(_) => Some(f.req_usize("sliding_window")?),
-    };
+    let window = f.window(None)?;
     Ok(Specifics { biases: Biases::default(), layer_windows: vec![window; c.num_hidden_layers], partial_rotary_factor: factor })
 }
 
