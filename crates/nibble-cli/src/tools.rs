@@ -90,8 +90,9 @@ pub fn plan(args: &PlanArgs) -> anyhow::Result<()> {
         None => Inventory::detect(),
     };
     let mut req = PlanRequest::new(&cfg);
-    let auto = || cfg.dtype.as_deref().and_then(ModelDtype::from_hf_name).unwrap_or(nibble::DType::F32);
-    req.dtype = ModelDtype::from(args.quant.dtype).resolve(auto);
+    // `PlanRequest::new` resolved transformers' `auto` from config.json.
+    let auto = req.dtype;
+    req.dtype = ModelDtype::from(args.quant.dtype).resolve(|| auto);
     req.device_map = args.device_map.clone();
     req.max_memory = args.max_memory.clone().unwrap_or_default();
     if let Some(n) = args.max_seq_len {

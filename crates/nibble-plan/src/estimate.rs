@@ -10,21 +10,18 @@
 use candle_core::DType;
 use nibble_core::{Error, Result};
 use nibble_load::ModelConfig;
-use nibble_quant::{BitsAndBytesConfig, QuantMethod};
+use nibble_quant::{BitsAndBytesConfig, ModelDtype, QuantMethod};
 
 /// Positions processed per forward call during prefill; the model chunks longer prompts, so the
 /// activation reserve does not grow with the prompt.
 pub const PREFILL_CHUNK: usize = 512;
 
-/// transformers' `dtype="auto"`: the dtype config.json names (`dtype`, or the older `torch_dtype`):
-/// `float32` → F32, `bfloat16` → BF16, `float16`/`half` → F16, with or without a `torch.` prefix.
-/// Absent or anything else → F32, which is what transformers loads when the config names none.
+/// transformers' `dtype="auto"`: the dtype config.json names (`dtype`, or the older `torch_dtype`),
+/// read as the loader reads it ([`ModelDtype::from_hf_name`]: `float32`, `bfloat16`,
+/// `float16`/`half` and their short spellings, with or without a `torch.` prefix). Absent or
+/// anything else → F32, which is what transformers loads when the config names none.
 pub fn auto_dtype(cfg: &ModelConfig) -> DType {
-    match cfg.dtype.as_deref().map(|s| s.trim().trim_start_matches("torch.")) {
-        Some("bfloat16") => DType::BF16,
-        Some("float16") | Some("half") => DType::F16,
-        _ => DType::F32,
-    }
+    cfg.dtype.as_deref().and_then(ModelDtype::from_hf_name).unwrap_or(DType::F32)
 }
 
 fn overflow(what: &str) -> Error {
