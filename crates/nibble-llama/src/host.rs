@@ -83,10 +83,10 @@ impl Buf {
         }
     }
 
-    /// Writes one position's `d` values of each head (`src` is `[heads, t, d]`, position `j` of
-    /// it) into slot `slot` of each head's `cap * d` values.
-    fn write(&mut self, src: &[f32], (cap_d, d): (usize, usize), slot: usize, (t, j): (usize, usize)) {
-        let rows = src.chunks_exact((t * d).max(1)).map(|h| h.get(j * d..(j + 1) * d).unwrap_or(&[]));
+    /// Writes positions `j0..j0 + n` of each head of `src` (`[heads, t, d]`) into slots
+    /// `slot..slot + n` of each head's `cap * d` values.
+    fn write(&mut self, src: &[f32], (cap_d, d, t): (usize, usize, usize), slot: usize, (j0, n): (usize, usize)) {
+        let rows = src.chunks_exact((t * d).max(1)).map(|h| h.get(j0 * d..(j0 + n) * d).unwrap_or(&[]));
         let at = slot * d;
         match self {
             Buf::F32(v) => {
@@ -162,19 +162,20 @@ impl HostKv {
         len >= self.seen || self.kept() == self.seen
     }
 
-    /// Keeps the first `len` positions; their slots are untouched, later appends overwrite the rest.
+    /// Keeps the first `len` positions, which [`HostKv::can_truncate`] said are held; their slots
+    /// are untouched, later appends overwrite the rest.
     pub(crate) fn truncate(&mut self, len: usize) {
-        if self.can_truncate(len) {
-            self.seen = self.seen.min(len);
-        }
+        self.seen = self.seen.min(len);
     }
 
-    /// The slot of position `pos`.
-    fn slot(&self, pos: usize) -> usize {
-        match self.window {
-            Some(w) => pos % w.max(1),
-            None => pos,
-        }
+    /// Positions `pos..pos + n` as runs of consecutive slots `(slot, first position offset, len)`:
+    /// one run, or two where a window's ring wraps.
+    fn runs(&self, pos: usize, n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (slot, first) = match self.window {
+            Some(w) => (pos % w.max(1), n.min(w - pos % w.max(1))),
+            None => (pos, n),
+        };
+        [(slot, 0, first), (0, first, n - first)].into_iter().filter(|r| r.2 > 0)
     }
 
     /// Appends `t` positions of keys and values, each `[batch, heads, t, head_dim]`, values of
@@ -202,10 +203,10 @@ impl HostKv {
         }
         // Under a window only the last `window` of these positions are ever seen again.
         let skip = self.window.map_or(0, |w| t.saturating_sub(w));
-        for j in skip..t {
-            let slot = self.slot(self.seen + j);
-            self.k.write(k, (self.cap * d, d), slot, (t, j));
-            self.v.write(v, (self.cap * d, d), slot, (t, j));
+        let runs: Vec<_> = self.runs(self.seen + skip, t - skip).collect();
+        for (slot, off, n) in runs {
+            self.k.write(k, (self.cap * d, d, t), slot, (skip + off, n));
+            self.v.write(v, (self.cap * d, d, t), slot, (skip + off, n));
         }
         self.seen += t;
         Ok(())
@@ -216,13 +217,13 @@ impl HostKv {
     pub(crate) fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
         let (d, kept) = (self.head_dim, self.kept());
         let first = self.seen - kept;
+        let runs: Vec<_> = self.runs(first, kept).collect();
         let gather = |buf: &Buf| -> Vec<f32> {
             let mut all = Vec::with_capacity(self.batch * self.heads * kept * d);
             for h in 0..self.batch * self.heads {
                 let start = h * self.cap * d;
-                for pos in first..self.seen {
-                    let at = start + self.slot(pos) * d;
-                    all.extend_from_slice(&buf.read(at..at + d));
+                for &(slot, _, n) in &runs {
+                    all.extend_from_slice(&buf.read(start + slot * d..start + (slot + n) * d));
                 }
             }
             all
@@ -515,6 +516,41 @@ mod tests {
         let (keys, _) = kv.head(1, 2);
         assert_eq!(keys.get(149 * d), Some(&val(1, 2, 149, 0)));
         assert!(kv.append(&[0.0; 3], &[0.0; 3], 1).is_err());
+        Ok(())
+    }
+
+    /// Under a window the cache keeps the last `window` positions, in position order for
+    /// `tensors` whether or not the ring has wrapped, through prefills longer than the window,
+    /// single steps and a prefill that wraps; it can be truncated only before it wraps.
+    #[test]
+    fn windowed_host_kv_keeps_the_last_positions_in_order() -> Result<()> {
+        let (b, heads, d, w) = (1, 2, 3, 8);
+        // Distinct for every slot and exact in bf16 (the cache holds values of the model dtype).
+        let val = |h: usize, p: usize, i: usize| (h * 40 + p) as f32 + 0.5 * i as f32;
+        let step = |p0: usize, t: usize| -> Vec<f32> {
+            (0..heads).flat_map(|h| (p0..p0 + t).flat_map(move |p| (0..d).map(move |i| val(h, p, i)))).collect()
+        };
+        for p in [Precision::F32, Precision::Bf16] {
+            let mut kv = HostKv::new(b, heads, d, p, Some(w));
+            kv.append(&step(0, 5), &step(0, 5), 5)?;
+            assert!(kv.can_truncate(3));
+            for pos in 5..13 {
+                let s = step(pos, 1);
+                kv.append(&s, &s, 1)?;
+            }
+            assert!(!kv.can_truncate(3), "the ring has overwritten position 3");
+            // A prefill that wraps the ring, then one longer than the window.
+            kv.append(&step(13, 6), &step(13, 6), 6)?;
+            let want = |first: usize| step(first, w);
+            let (k, _) = kv.tensors(&Device::Cpu)?;
+            assert_eq!(k.dims(), &[b, heads, w, d]);
+            assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, want(19 - w));
+            kv.append(&step(19, 11), &step(19, 11), 11)?;
+            let (_, v) = kv.tensors(&Device::Cpu)?;
+            assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, want(30 - w));
+            assert_eq!((kv.seen(), kv.kept()), (30, w));
+            assert_eq!(kv.bytes(), 2 * heads * w * d * if p == Precision::F32 { 4 } else { 2 });
+        }
         Ok(())
     }
 

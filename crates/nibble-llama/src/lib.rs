@@ -450,7 +450,7 @@ impl Llama {
             x = match slot {
                 Slot::Host(kv) if t == 1 => self.layer_step_host(layer, &x, &rot, kv),
                 Slot::Empty if t == 1 && self.host_path(&layer.device) => {
-                    let mut kv = HostKv::new(b, self.cfg.num_key_value_heads, self.cfg.head_dim, self.precision(), layer.window);
+                    let mut kv = self.host_kv(b, layer.window);
                     let y = self.layer_step_host(layer, &x, &rot, &mut kv);
                     *slot = Slot::Host(kv);
                     y
@@ -463,6 +463,11 @@ impl Llama {
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
         let x = self.rms_norm(&x.contiguous()?, &self.norm)?;
         self.linear(self.lm_head.as_ref(), &x)
+    }
+
+    /// An empty host cache for a layer with attention window `window`, `batch` rows.
+    fn host_kv(&self, batch: usize, window: Option<usize>) -> HostKv {
+        HostKv::new(batch, self.cfg.num_key_value_heads, self.cfg.head_dim, self.precision(), window)
     }
 
     /// The model dtype as the rounding the host code applies.
@@ -627,10 +632,9 @@ impl Llama {
                 Ok((k, v))
             }
             slot => {
-                let (b, heads, _, d) = k.dims4()?;
                 let mut kv = match slot {
                     Slot::Host(kv) => kv,
-                    _ => HostKv::new(b, heads, d, self.precision(), window),
+                    _ => self.host_kv(k.dim(0)?, window),
                 };
                 // The cached positions are read before the append: under a window the buffer
                 // only has room for the window, and this step's early queries see older keys.
