@@ -138,6 +138,21 @@ impl Layer {
         Some(l.as_ref())
     }
 
+    /// Bytes of its linears (with quant state and biases) and norms.
+    fn resident_bytes(&self) -> usize {
+        let lin = |l: &dyn QuantLinear| l.resident_bytes();
+        let qkv = match &self.qkv {
+            Qkv::Separate { q, k, v } => lin(q.as_ref()) + lin(k.as_ref()) + lin(v.as_ref()),
+            Qkv::Fused(f) => lin(f.as_ref()),
+        };
+        let gate_up = match &self.gate_up {
+            GateUp::Separate { gate, up } => lin(gate.as_ref()) + lin(up.as_ref()),
+            GateUp::Fused(f) => lin(f.as_ref()),
+        };
+        let norms = [Some(&self.input_norm), Some(&self.post_norm), self.q_norm.as_ref(), self.k_norm.as_ref()];
+        qkv + lin(self.o.as_ref()) + gate_up + lin(self.down.as_ref()) + norms.iter().flatten().map(|n| tensor_bytes(&n.weight)).sum::<usize>()
+    }
+
     /// The norm playing `role`.
     fn norm(&self, role: Role) -> Option<&Norm> {
         match role {
@@ -356,16 +371,9 @@ impl Llama {
     /// Bytes of weights held resident (embeddings, norms, every linear with its quant state and
     /// bias).
     pub fn resident_weight_bytes(&self) -> usize {
-        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let layers: usize = self
-            .linears()
-            .iter()
-            .filter(|(name, _)| name != "lm_head")
-            .map(|(_, l)| l.resident_bytes())
-            .sum::<usize>()
-            + self.dense_tensors().iter().filter(|(n, _)| n.starts_with("model.layers.")).map(|(_, w)| t(w)).sum::<usize>();
         let head = if self.head_shared { 0 } else { self.lm_head.resident_bytes() };
-        t(&self.embed) + layers + t(&self.norm) + head
+        let layers: usize = self.layers.iter().map(Layer::resident_bytes).sum();
+        tensor_bytes(&self.embed) + layers + tensor_bytes(&self.norm) + head
     }
 
     /// Every linear layer with its module name, in checkpoint order (for saving).
@@ -687,6 +695,11 @@ fn assemble(
         window: cfg.window(index),
         device: device.clone(),
     })
+}
+
+/// Bytes of a tensor's elements.
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
 }
 
 /// `cpu`, `cuda:N`, `metal:N`: the spelling device maps use.
