@@ -169,13 +169,13 @@ impl HostKv {
     }
 
     /// Positions `pos..pos + n` as runs of consecutive slots `(slot, first position offset, len)`:
-    /// one run, or two where a window's ring wraps.
-    fn runs(&self, pos: usize, n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    /// one run, or two where a window's ring wraps (the second is empty when it does not).
+    fn runs(&self, pos: usize, n: usize) -> [(usize, usize, usize); 2] {
         let (slot, first) = match self.window {
             Some(w) => (pos % w.max(1), n.min(w - pos % w.max(1))),
             None => (pos, n),
         };
-        [(slot, 0, first), (0, first, n - first)].into_iter().filter(|r| r.2 > 0)
+        [(slot, 0, first), (0, first, n - first)]
     }
 
     /// Appends `t` positions of keys and values, each `[batch, heads, t, head_dim]`, values of
@@ -203,8 +203,7 @@ impl HostKv {
         }
         // Under a window only the last `window` of these positions are ever seen again.
         let skip = self.window.map_or(0, |w| t.saturating_sub(w));
-        let runs: Vec<_> = self.runs(self.seen + skip, t - skip).collect();
-        for (slot, off, n) in runs {
+        for (slot, off, n) in self.runs(self.seen + skip, t - skip) {
             self.k.write(k, (self.cap * d, d, t), slot, (skip + off, n));
             self.v.write(v, (self.cap * d, d, t), slot, (skip + off, n));
         }
@@ -217,7 +216,7 @@ impl HostKv {
     pub(crate) fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
         let (d, kept) = (self.head_dim, self.kept());
         let first = self.seen - kept;
-        let runs: Vec<_> = self.runs(first, kept).collect();
+        let runs = self.runs(first, kept);
         let gather = |buf: &Buf| -> Vec<f32> {
             let mut all = Vec::with_capacity(self.batch * self.heads * kept * d);
             for h in 0..self.batch * self.heads {
