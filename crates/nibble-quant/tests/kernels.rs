@@ -12,7 +12,8 @@
 //!   reference's own, `2^-9` relative each, `2^-11` more for the f16-then-bf16 chain), which
 //!   adds `u_w * sum_k |w_k x_k|` with `u_w = 2^-8 + 2^-10`. For f32 weights (f32 compute) that
 //!   kernel factors the scale out too, with the exact f32 code book: `s * sum code_k x_k` differs
-//!   from `sum f32(code_k s) x_k` by the f32 rounding of each weight, `u_w = 2^-23`.
+//!   from `sum f32(code_k s) x_k` by the f32 rounding of each weight, `u_w = 2^-23`. The AVX-512
+//!   kernel looks up every weight exactly (`u_w = 0`).
 //! - Every SIMD path the CPU supports equals the portable path: within the same bound for the
 //!   fused f32 products (their summation orders differ), bit for bit for int8 products and for
 //!   the quantizers.
@@ -238,6 +239,38 @@ fn simd_4bit_paths_match_portable() {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn avx512_4bit_rows_do_not_depend_on_the_batch() {
+    // A row's product, computed alone or among up to 16 rows, is the same bits (what a server's
+    // batched decode step needs for "the same tokens alone or batched").
+    if !Isa::Avx512.is_supported() {
+        eprintln!("no AVX-512 on this CPU; nothing to check");
+        return;
+    }
+    let mut rng = Rng(29);
+    for (n_out, n_in, bs) in [(96, 576, 64), (40, 1536, 128), (24, 256, 256)] {
+        for rounding in [Rounding::NONE, Rounding { weight: Precision::Bf16, compute: Precision::F32 }] {
+            let w = rng.vec(n_out * n_in, 0.3);
+            let q = quantize_as(&w, rounding.weight, bs, QuantType::Nf4, false);
+            let absmax = q.absmax.try_to_f32().unwrap();
+            let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, bs, QuantType::Nf4, rounding).unwrap();
+            for rows in [2, 3, 5, 16] {
+                let x = rng.vec(rows * n_in, 1.0);
+                let batch = matmul_4bit_with(Isa::Avx512, &m, &x, rows).unwrap();
+                for r in 0..rows {
+                    let alone = matmul_4bit_with(Isa::Avx512, &m, &x[r * n_in..(r + 1) * n_in], 1).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&alone),
+                        bits(&batch[r * n_out..(r + 1) * n_out]),
+                        "[{n_out}, {n_in}] bs {bs} {rounding:?}: row {r} of {rows}"
+                    );
                 }
             }
         }
@@ -634,6 +667,10 @@ fn unsupported_isa_is_an_error() {
         }
     }
     assert_eq!(Isa::parse("AVX2"), Some(Isa::Avx2));
+    assert_eq!(Isa::parse("avx512"), Some(Isa::Avx512));
+    for isa in Isa::ALL {
+        assert_eq!(Isa::parse(isa.name()), Some(isa));
+    }
     assert_eq!(Isa::parse("portable"), Some(Isa::Portable));
     assert_eq!(Isa::parse("sse"), None);
     assert!(Isa::detect().is_supported());

@@ -91,7 +91,7 @@ fn dot_bf16(isa: Isa, w: &[bf16], x: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` passed `Isa::check` (avx2+fma+f16c detected); the kernel reads within
         // both slices.
-        Isa::Avx2 => unsafe { super::avx2::dot_16bit::<false>(w.as_ptr().cast(), x, w.len()) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::dot_16bit::<false>(w.as_ptr().cast(), x, w.len()) },
         _ => dot_widened(w, x, bf16::to_f32),
     }
 }
@@ -100,7 +100,7 @@ fn dot_f16(isa: Isa, w: &[f16], x: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `dot_bf16`.
-        Isa::Avx2 => unsafe { super::avx2::dot_16bit::<true>(w.as_ptr().cast(), x, w.len()) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::dot_16bit::<true>(w.as_ptr().cast(), x, w.len()) },
         _ => dot_widened(w, x, f16::to_f32),
     }
 }

@@ -274,7 +274,12 @@ pub fn matmul_4bit_with(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize) ->
     }
     if rows <= GEMV_MAX_ROWS {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 && w.rows_aligned() {
+        if isa == Isa::Avx512 && super::avx512::applies(w) {
+            gemv_avx512(w, x, rows, &mut y);
+            return Ok(y);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2() && w.rows_aligned() {
             gemv_avx2(w, x, rows, &mut y);
             return Ok(y);
         }
@@ -285,6 +290,70 @@ pub fn matmul_4bit_with(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize) ->
         gemm(isa, w, x, rows, &mut y);
     }
     Ok(y)
+}
+
+/// The AVX-512 matrix-vector path for `rows` activation rows ([`super::avx512::applies`]):
+/// weight rows split across threads (the kernel team for one row, rayon for several), each
+/// weight looked up once per four activation rows.
+#[cfg(target_arch = "x86_64")]
+fn gemv_avx512(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
+    let (n_in, n_out) = (w.in_features, w.out_features);
+    let xp = super::avx512::permute_x(x);
+    // Weight rows `o0 .. o0 + n` for every activation row, into `out` as `[n, stride]` at
+    // column `off`.
+    let run = |o0: usize, n: usize, out: &mut [f32], stride: usize| {
+        let mut r0 = 0;
+        while r0 < rows {
+            let r = (rows - r0).min(4);
+            let xr = &xp[r0 * n_in..(r0 + r) * n_in];
+            // SAFETY: `matmul_4bit_with` checked `Isa::Avx512` (avx512f detected); `applies`
+            // holds, `xr` holds `r` rows of `n_in`, and the weight rows `o0 .. o0 + n` exist.
+            unsafe {
+                match r {
+                    1 => super::avx512::gemv_rows::<1>(w, xr, out, stride, r0, o0, n),
+                    2 => super::avx512::gemv_rows::<2>(w, xr, out, stride, r0, o0, n),
+                    3 => super::avx512::gemv_rows::<3>(w, xr, out, stride, r0, o0, n),
+                    _ => super::avx512::gemv_rows::<4>(w, xr, out, stride, r0, o0, n),
+                }
+            }
+            r0 += r;
+        }
+    };
+    let min_macs = if rows == 1 { min_macs_per_matvec_task() } else { min_macs_per_pool_task() };
+    let per_task = chunk_len(n_out, min_macs.div_ceil(n_in * rows));
+    if rows == 1 {
+        for_each_chunk_mut(y, per_task, |t, yc| run(t * per_task, yc.len(), yc, 1));
+        return;
+    }
+    scatter_rows(y, rows, n_out, per_task, run);
+}
+
+/// Runs `run(o0, n, out, rows)` for tasks of `per_task` weight rows on rayon, each into its own
+/// `[n, rows]` part, and scatters the parts into `y` (`[rows, n_out]`).
+#[cfg(target_arch = "x86_64")]
+fn scatter_rows<F>(y: &mut [f32], rows: usize, n_out: usize, per_task: usize, run: F)
+where
+    F: Fn(usize, usize, &mut [f32], usize) + Sync,
+{
+    let n_tasks = n_out.div_ceil(per_task);
+    let parts: Vec<Vec<f32>> = (0..n_tasks)
+        .into_par_iter()
+        .map(|t| {
+            let o0 = t * per_task;
+            let n = per_task.min(n_out - o0);
+            let mut out = vec![0.0f32; n * rows];
+            run(o0, n, &mut out, rows);
+            out
+        })
+        .collect();
+    for (t, part) in parts.iter().enumerate() {
+        let o0 = t * per_task;
+        for (i, vals) in part.chunks_exact(rows).enumerate() {
+            for (r, &v) in vals.iter().enumerate() {
+                y[r * n_out + o0 + i] = v;
+            }
+        }
+    }
 }
 
 /// The AVX2 matrix-vector path for `rows` activation rows (rows of `W` a multiple of 32 wide):
@@ -326,25 +395,7 @@ fn gemv_avx2(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
         for_each_chunk_mut(y, per_task, |t, yc| run(t * per_task, yc.len(), yc));
         return;
     }
-    let n_tasks = n_out.div_ceil(per_task);
-    let parts: Vec<Vec<f32>> = (0..n_tasks)
-        .into_par_iter()
-        .map(|t| {
-            let o0 = t * per_task;
-            let n = per_task.min(n_out - o0);
-            let mut out = vec![0.0f32; n * rows];
-            run(o0, n, &mut out);
-            out
-        })
-        .collect();
-    for (t, part) in parts.iter().enumerate() {
-        let o0 = t * per_task;
-        for (i, vals) in part.chunks_exact(rows).enumerate() {
-            for (r, &v) in vals.iter().enumerate() {
-                y[r * n_out + o0 + i] = v;
-            }
-        }
-    }
+    scatter_rows(y, rows, n_out, per_task, |o0, n, out, _| run(o0, n, out));
 }
 
 /// One activation row: `y[o] = sum_k W[o, k] x[k]`, rows split across threads (the NEON kernel
@@ -384,7 +435,7 @@ pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: callers only pass an `isa` that passed `Isa::check` (avx2+fma detected).
-        Isa::Avx2 => unsafe { super::avx2::dot(a, b) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::dot(a, b) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: callers only pass an `isa` that passed `Isa::check` (NEON detected).
         Isa::Neon => unsafe { super::neon::dot(a, b) },
@@ -477,7 +528,7 @@ fn decode_range(isa: Isa, w: &Matrix4bit<'_>, e0: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` passed `Isa::check` (avx2+fma+f16c detected); `aligned` is the layout the
         // kernel needs and the range lies inside the weight (callers decode rows they own).
-        Isa::Avx2 if aligned => unsafe { super::avx2::decode_aligned(w, e0, out) },
+        Isa::Avx2 | Isa::Avx512 if aligned => unsafe { super::avx2::decode_aligned(w, e0, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: `isa` passed `Isa::check` (NEON detected); layout and range as above.
         Isa::Neon if aligned => unsafe { super::neon::decode_aligned(w, e0, out) },
@@ -502,7 +553,7 @@ pub(crate) fn tile(isa: Isa, mr: usize, kc: usize, a: &[f32], lda: usize, b: &[f
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` passed `Isa::check` (avx2+fma detected); `fits` bounds every access.
-        Isa::Avx2 => unsafe { super::avx2::tile(mr, kc, a, lda, b, c, ldc, first) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::tile(mr, kc, a, lda, b, c, ldc, first) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: `isa` passed `Isa::check` (NEON detected); `fits` bounds every access.
         Isa::Neon => unsafe { super::neon::tile(mr, kc, a, lda, b, c, ldc, first) },

@@ -44,7 +44,7 @@ pub fn int8_matmul_i32_with(
     }
     // The AVX2 kernel's `vpmaddubsw` is exact only without -128 activations (see `avx2::int8_tile`);
     // LLM.int8() activations never hold it, arbitrary callers might.
-    let isa = if isa == Isa::Avx2 && a.contains(&i8::MIN) { Isa::Portable } else { isa };
+    let isa = if isa.avx2() && a.contains(&i8::MIN) { Isa::Portable } else { isa };
     if rows == 1 {
         // Decode: outputs are contiguous, tasks write in place.
         let per_task = chunk_len(out_features, min_macs_per_matvec_task().div_ceil(k)).next_multiple_of(NR8);
@@ -126,7 +126,7 @@ fn tile_mn<const M: usize, const N: usize>(isa: Isa, k: usize, a: &[i8], w: &[i8
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` passed `Isa::check` (avx2 detected at run time); `fits` bounds the loads.
-        Isa::Avx2 if fits => unsafe { super::avx2::int8_tile::<M, N>(k, a, k, w, k) },
+        Isa::Avx2 | Isa::Avx512 if fits => unsafe { super::avx2::int8_tile::<M, N>(k, a, k, w, k) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: `isa` passed `Isa::check` (NEON detected at run time); `fits` bounds the loads.
         Isa::Neon if fits => unsafe { super::neon::int8_tile::<M, N>(k, a, k, w, k) },

@@ -3,9 +3,10 @@
 //! matrix product for LLM.int8(), and the SIMD parts of the quantizers.
 //!
 //! Every kernel has a portable implementation and, where the CPU has them, an x86-64
-//! AVX2+FMA+F16C one and an aarch64 NEON one. [`Isa::detect`] picks the best supported one once
-//! per process (the environment variable `NIBBLE_KERNELS=portable|avx2|neon` can force a
-//! supported one, for comparisons); the `*_with` functions take an explicit [`Isa`] so tests can
+//! AVX2+FMA+F16C one and an aarch64 NEON one; on CPUs with AVX-512 the 4-bit matrix-vector
+//! product has its own kernel (the rest runs the AVX2 ones). [`Isa::detect`] picks the best
+//! supported set once per process (the environment variable
+//! `NIBBLE_KERNELS=portable|avx2|avx512|neon` can force a supported one, for comparisons); the `*_with` functions take an explicit [`Isa`] so tests can
 //! compare every path on the same input.
 //!
 //! # 4-bit semantics
@@ -18,6 +19,10 @@
 //! 16-entry table once per block and look weights up in it, so the rounding costs nothing per
 //! weight. Products are accumulated in f32; only the order of the additions differs from a
 //! reference matmul, so results agree within f32 rounding of the sum (`~in * 2^-24 * sum |w x|`).
+//!
+//! The AVX-512 matrix-vector kernel holds a block's whole table in one register, so it builds
+//! one per block at the cost of a multiply and looks weights up exactly (no factoring, below),
+//! with a summation order that does not depend on how many activation rows run together.
 //!
 //! The AVX2 one-token decode kernel, in blocks of 64 or more, factors the block scale out
 //! instead: `sum_b absmax_b * sum_(i in b) code_i * x_i`, one code table per matrix instead of
@@ -43,6 +48,8 @@ mod team;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -69,19 +76,23 @@ pub enum Isa {
     Portable,
     /// x86-64 with AVX2, FMA and F16C (Haswell / Zen and later).
     Avx2,
+    /// x86-64 with AVX-512F on top of [`Isa::Avx2`]'s set (Skylake-SP / Zen 4 and later): the
+    /// 4-bit matrix-vector kernel has its own code, everything else runs the AVX2 kernels.
+    Avx512,
     /// aarch64 Advanced SIMD (every aarch64 CPU has it).
     Neon,
 }
 
 impl Isa {
     /// Every variant, best last.
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Neon];
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Neon];
 
     /// Whether this CPU can run the kernels of `self` (checked at run time).
     pub fn is_supported(self) -> bool {
         match self {
             Isa::Portable => true,
             Isa::Avx2 => avx2_supported(),
+            Isa::Avx512 => avx512_supported(),
             Isa::Neon => neon_supported(),
         }
     }
@@ -96,7 +107,9 @@ impl Isa {
     pub fn detect() -> Isa {
         static DETECTED: OnceLock<Isa> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            let best = if Isa::Avx2.is_supported() {
+            let best = if Isa::Avx512.is_supported() {
+                Isa::Avx512
+            } else if Isa::Avx2.is_supported() {
                 Isa::Avx2
             } else if Isa::Neon.is_supported() {
                 Isa::Neon
@@ -116,11 +129,12 @@ impl Isa {
         })
     }
 
-    /// Parses `portable`, `avx2` or `neon` (any case).
+    /// Parses `portable`, `avx2`, `avx512` or `neon` (any case).
     pub fn parse(name: &str) -> Option<Isa> {
         match name.trim().to_ascii_lowercase().as_str() {
             "portable" | "scalar" => Some(Isa::Portable),
             "avx2" => Some(Isa::Avx2),
+            "avx512" => Some(Isa::Avx512),
             "neon" => Some(Isa::Neon),
             _ => None,
         }
@@ -131,8 +145,16 @@ impl Isa {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
             Isa::Neon => "neon",
         }
+    }
+
+    /// Whether `self` runs the AVX2 kernels (AVX-512 CPUs run them too, for everything that has
+    /// no AVX-512 kernel); true only where the AVX2 set was detected.
+    #[inline]
+    pub(crate) fn avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512)
     }
 
     /// An error unless this CPU supports `self`; every `*_with` entry point checks this, which is
@@ -157,6 +179,17 @@ fn avx2_supported() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_supported() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_supported() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| avx2_supported() && is_x86_feature_detected!("avx512f"))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_supported() -> bool {
     false
 }
 

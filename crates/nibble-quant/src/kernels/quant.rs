@@ -88,9 +88,9 @@ pub fn int8_vectorwise_quant_with(
 pub(crate) fn abs_max<T: Element>(isa: Isa, x: &[T]) -> (f32, bool) {
     let (mut m, mut nan, done) = match (isa, kind_of::<T>()) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever Avx2 after `Isa::check` (avx2+fma+f16c detected); the
+        // SAFETY: `isa` is only ever Avx2 or Avx512 (which includes the AVX2 set) after `Isa::check` (avx2+fma+f16c detected); the
         // pointer and length come from the slice `x` of the matching element type.
-        (Isa::Avx2, Some(k)) => unsafe {
+        (Isa::Avx2 | Isa::Avx512, Some(k)) => unsafe {
             let p = x.as_ptr().cast::<u8>();
             match k {
                 Kind::F32 => super::avx2::abs_max::<{ super::avx2::KIND_F32 }>(p, x.len()),
@@ -133,9 +133,9 @@ pub(crate) fn encode_4bit<T: Element>(isa: Isa, x: &[T], scale: Scale, t: &Quant
     let n = (x.len() / 32 * 32).min(out.len() / 16 * 32);
     match (isa, kind_of::<T>()) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever Avx2 after `Isa::check` (avx2+fma+f16c detected); `x` holds
+        // SAFETY: `isa` is only ever Avx2 or Avx512 (which includes the AVX2 set) after `Isa::check` (avx2+fma+f16c detected); `x` holds
         // at least `n` values of the matching type and `out` at least `n / 2` bytes.
-        (Isa::Avx2, Some(k)) => unsafe {
+        (Isa::Avx2 | Isa::Avx512, Some(k)) => unsafe {
             let p = x.as_ptr().cast::<u8>();
             match k {
                 Kind::F32 => super::avx2::encode_4bit::<{ super::avx2::KIND_F32 }>(p, n, scale, &t.bounds, &t.order, out),
@@ -179,9 +179,9 @@ fn encode_portable<T: Element>(x: &[T], scale: Scale, t: &Quant4Tables, out: &mu
 pub(crate) fn int8_row_absmax(isa: Isa, row: &[f16], threshold: Option<f32>) -> (f32, bool) {
     let (mut m, mut nan, done): (f32, bool, usize) = match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 only after `Isa::check` (avx2+fma+f16c detected); pointer and length
+        // SAFETY: Avx2 or Avx512 (which includes the AVX2 set) only after `Isa::check` (avx2+fma+f16c detected); pointer and length
         // come from `row`.
-        Isa::Avx2 => unsafe { super::avx2::int8_row_absmax(row.as_ptr().cast(), row.len(), threshold) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::int8_row_absmax(row.as_ptr().cast(), row.len(), threshold) },
         _ => (0.0, false, 0),
     };
     for &x in &row[done.min(row.len())..] {
@@ -198,9 +198,9 @@ pub(crate) fn int8_row_absmax(isa: Isa, row: &[f16], threshold: Option<f32>) -> 
 pub(crate) fn int8_row_encode(isa: Isa, row: &[f16], threshold: Option<f32>, k: f32, q: &mut [i8]) {
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 only after `Isa::check`; reads `row.len()` f16 values from `row` and writes
+        // SAFETY: Avx2 or Avx512 (which includes the AVX2 set) only after `Isa::check`; reads `row.len()` f16 values from `row` and writes
         // at most that many bytes, within `q` (checked here).
-        Isa::Avx2 if q.len() >= row.len() => unsafe {
+        Isa::Avx2 | Isa::Avx512 if q.len() >= row.len() => unsafe {
             super::avx2::int8_row_encode(row.as_ptr().cast(), row.len(), threshold, k, q)
         },
         _ => 0,
@@ -217,9 +217,9 @@ pub(crate) fn int8_row_encode(isa: Isa, row: &[f16], threshold: Option<f32>, k: 
 pub(crate) fn outlier_mask_row(isa: Isa, row: &[f16], threshold: f32, mask: &mut [bool]) {
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 only after `Isa::check`; reads `row.len()` values, writes `mask` below that
+        // SAFETY: Avx2 or Avx512 (which includes the AVX2 set) only after `Isa::check`; reads `row.len()` values, writes `mask` below that
         // length (checked here).
-        Isa::Avx2 if mask.len() >= row.len() => unsafe {
+        Isa::Avx2 | Isa::Avx512 if mask.len() >= row.len() => unsafe {
             super::avx2::outlier_mask_row(row.as_ptr().cast(), row.len(), threshold, mask)
         },
         _ => 0,

@@ -1,0 +1,170 @@
+//! x86-64 AVX-512 kernels: the 4-bit matrix-vector product (decode and small batches).
+//!
+//! Every function here is `unsafe` only because it is compiled with `#[target_feature]`: callers
+//! must have checked [`super::Isa::Avx512`] (run-time detection of avx512f on top of the AVX2
+//! set) first, and each function states the slice bounds its raw-pointer loads rely on.
+//!
+//! # 4-bit lookup
+//!
+//! A zmm register holds all 16 values of a block's table as f32, so `vpermps` looks up 16
+//! weights at once from 4-bit indices (it reads only the low 4 bits of each lane). The table of
+//! each block is `code * absmax` rounded as the layer rounds, built with one multiply (and the
+//! rounding's few instructions) per block: every weight is bitsandbytes' value exactly, with no
+//! scale factored out, for every rounding chain. The 16 indices of 8 packed bytes come from one
+//! 64-bit broadcast and one variable shift per 32-bit lane (no shuffle), which leaves the weights
+//! in the order [`ORDER16`]; [`permute_x`] puts the activations in that order once per call.
+//!
+//! # Batch invariance
+//!
+//! Each activation row has its own four accumulators (16-value group `g` of a row goes to
+//! accumulator `g % 4`), summed in one fixed order at the end, whether one row or four run
+//! together: a row's result does not depend on the batch it is computed in.
+
+use std::arch::x86_64::*;
+
+use super::four_bit::{Matrix4bit, Precision};
+
+/// The weight each of the 16 lanes holds after [`indices`]: lane `2k` takes bits `4k..4k + 4` of
+/// the group's first four bytes, lane `2k + 1` the same bits of the last four; byte `j` holds
+/// weight `2j` in its high nibble and `2j + 1` in its low one.
+pub(super) const ORDER16: [usize; 16] = [1, 9, 0, 8, 3, 11, 2, 10, 5, 13, 4, 12, 7, 15, 6, 14];
+
+/// Activations in the order the kernel produces weights ([`ORDER16`] per 16 values); `x`'s
+/// length is a multiple of 16 where the kernel is used (a shorter tail is copied as it is).
+pub(super) fn permute_x(x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let mut src = x.chunks_exact(16);
+    let mut dst = out.chunks_exact_mut(16);
+    for (c, o) in (&mut src).zip(&mut dst) {
+        if let (Ok(c), Ok(o)) = (<&[f32; 16]>::try_from(c), <&mut [f32; 16]>::try_from(o)) {
+            for (d, &i) in o.iter_mut().zip(&ORDER16) {
+                *d = c[i];
+            }
+        }
+    }
+    dst.into_remainder().copy_from_slice(src.remainder());
+    out
+}
+
+/// Whether the kernel applies to `w`: rows a multiple of 64 wide and blocks of 64 or more (a
+/// power of two), so every 64-value chunk of a row lies in one block.
+pub(super) fn applies(w: &Matrix4bit<'_>) -> bool {
+    w.in_features.is_multiple_of(64) && w.blocksize >= 64
+}
+
+/// The 4-bit indices of 16 weights from the 8 packed bytes at `p`, in the order [`ORDER16`]
+/// (garbage above bit 3 of each lane, which `vpermps` ignores).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn indices(p: *const u8, shifts: __m512i) -> __m512i {
+    let q = std::ptr::read_unaligned(p.cast::<i64>());
+    _mm512_srlv_epi32(_mm512_set1_epi64(q), shifts)
+}
+
+/// Rounds 16 finite f32 to bf16 and back (nearest even, as `half` does; overflow to infinity).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn round_bf16(v: __m512) -> __m512 {
+    let b = _mm512_castps_si512(v);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    let up = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+    _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(-65536)))
+}
+
+/// Rounds 16 f32 to f16 and back (nearest even, as `half` does).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn round_f16(v: __m512) -> __m512 {
+    _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v))
+}
+
+/// Rounds 16 finite values to `p`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn round(p: Precision, v: __m512) -> __m512 {
+    match p {
+        Precision::F32 => v,
+        Precision::F16 => round_f16(v),
+        Precision::Bf16 => round_bf16(v),
+    }
+}
+
+/// The table of block `b` (scale `s`): `code * s` rounded as `w` rounds. Non-finite scales go
+/// through the scalar rounding, which handles NaN payloads and infinities exactly as `half`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn table(w: &Matrix4bit<'_>, code: __m512, b: usize, s: f32) -> __m512 {
+    if !s.is_finite() {
+        let t = w.block_table(b);
+        return _mm512_loadu_ps(t.as_ptr());
+    }
+    // |code| <= 1, so the product of a finite scale is finite and the vector roundings apply.
+    let v = _mm512_mul_ps(code, _mm512_set1_ps(s));
+    round(w.rounding.compute, round(w.rounding.weight, v))
+}
+
+/// `R` activation rows against weight rows `row0 .. row0 + n`:
+/// `out[i * stride + off + j] = W[row0 + i, :] . x_j` for `j < R`, where `xp` holds the `R` rows
+/// of x, each [`permute_x`]-ed. Each weight is looked up once for all `R` rows.
+///
+/// # Safety
+/// The CPU must support avx512f. [`applies`] holds for `w`, `1 <= R <= 4`,
+/// `xp.len() == R * w.in_features`, `row0 + n <= w.out_features` (outputs are written through
+/// checked indexing).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn gemv_rows<const R: usize>(
+    w: &Matrix4bit<'_>,
+    xp: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    off: usize,
+    row0: usize,
+    n: usize,
+) {
+    let n_in = w.in_features;
+    let bs = w.blocksize;
+    let bs_shift = bs.trailing_zeros();
+    let code = _mm512_loadu_ps(w.lut.as_ptr());
+    let shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    let xs: [*const f32; R] = std::array::from_fn(|j| xp.as_ptr().add(j * n_in));
+    let packed = w.packed.as_ptr();
+    for i in 0..n {
+        let start = (row0 + i) * n_in;
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        // 64-value chunks; each lies in one block (`applies`), whose table is rebuilt when the
+        // chunk enters a new block.
+        let mut t = _mm512_setzero_ps();
+        let mut block = usize::MAX;
+        for c in 0..n_in / 64 {
+            let e = start + 64 * c;
+            let b = e >> bs_shift;
+            if b != block {
+                block = b;
+                // `b` is a block of the weight (e < out * in), so the index never fails.
+                t = table(w, code, b, w.absmax.get(b).copied().unwrap_or(f32::NAN));
+            }
+            // The chunk's 32 bytes lie in the row: e / 2 + 32 <= (start + n_in) / 2.
+            let p = packed.add(e / 2);
+            let f = [
+                _mm512_permutexvar_ps(indices(p, shifts), t),
+                _mm512_permutexvar_ps(indices(p.add(8), shifts), t),
+                _mm512_permutexvar_ps(indices(p.add(16), shifts), t),
+                _mm512_permutexvar_ps(indices(p.add(24), shifts), t),
+            ];
+            for (a, &x) in acc.iter_mut().zip(&xs) {
+                // Each x row has n_in values: 64 c + 64 <= n_in.
+                let xc = x.add(64 * c);
+                for k in 0..4 {
+                    a[k] = _mm512_fmadd_ps(f[k], _mm512_loadu_ps(xc.add(16 * k)), a[k]);
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            if let Some(o) = out.get_mut(i * stride + off + j) {
+                *o = _mm512_reduce_add_ps(s);
+            }
+        }
+    }
+}
