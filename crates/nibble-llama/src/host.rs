@@ -15,7 +15,7 @@ use std::borrow::Cow;
 
 use candle_core::{Device, Tensor};
 use nibble_core::{Error, Result};
-use nibble_quant::kernels::{dot_f32, for_each_chunk_mut, Precision};
+use nibble_quant::kernels::{dot_f32, for_each_chunk_mut, Precision, Rows};
 
 use crate::{GateUp, Layer, Llama, Qkv};
 
@@ -104,6 +104,15 @@ impl Buf {
                     }
                 }
             }
+        }
+    }
+
+    /// Values `range` as they are held (empty when out of range).
+    fn rows(&self, range: std::ops::Range<usize>) -> Rows<'_> {
+        match self {
+            Buf::F32(v) => Rows::F32(v.get(range).unwrap_or(&[])),
+            Buf::Half(v, Precision::F16) => Rows::F16(v.get(range).unwrap_or(&[])),
+            Buf::Half(v, _) => Rows::Bf16(v.get(range).unwrap_or(&[])),
         }
     }
 
@@ -231,13 +240,13 @@ impl HostKv {
         Ok((Tensor::from_vec(gather(&self.k), shape, device)?, Tensor::from_vec(gather(&self.v), shape, device)?))
     }
 
-    /// Keys and values of head `h` of batch row `b` as f32: `kept` rows of `head_dim` each, in
+    /// Keys and values of head `h` of batch row `b` as held: `kept` rows of `head_dim` each, in
     /// slot order (attention sums over them, so the order is immaterial; empty for a head
     /// outside the cache).
-    fn head(&self, b: usize, h: usize) -> (Cow<'_, [f32]>, Cow<'_, [f32]>) {
+    fn head(&self, b: usize, h: usize) -> (Rows<'_>, Rows<'_>) {
         let start = (b * self.heads + h) * self.cap * self.head_dim;
         let range = start..start + self.kept() * self.head_dim;
-        (self.k.read(range.clone()), self.v.read(range))
+        (self.k.rows(range.clone()), self.v.rows(range))
     }
 }
 
@@ -427,16 +436,17 @@ impl Llama {
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let t = kv.kept();
         let p = self.precision();
+        // The cache is read as held (16-bit models: bit patterns, widened in registers).
         let head = |i: usize, out: &mut [f32]| {
             let (bi, hi) = (i / nh, i % nh);
             let qh = &q[i * hd..(i + 1) * hd];
             let (keys, values) = kv.head(bi, hi / rep);
-            let mut s: Vec<f32> = keys.chunks_exact(hd).map(|kr| dot_f32(qh, kr) * scale).collect();
+            let mut s: Vec<f32> = (0..t).map(|j| keys.slice(j * hd, hd).dot(qh) * scale).collect();
             let sum = softmax_exp(&mut s);
             p.round_slice(&mut s);
             out.fill(0.0);
-            for (e, vr) in s.iter().zip(values.chunks_exact(hd)) {
-                out.iter_mut().zip(vr).for_each(|(o, v)| *o += e * v);
+            for (j, &e) in s.iter().enumerate() {
+                values.slice(j * hd, hd).axpy(e, out);
             }
             out.iter_mut().for_each(|o| *o = p.round(*o / sum));
         };
@@ -458,6 +468,15 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Held values as f32.
+    fn widen(r: Rows<'_>) -> Vec<f32> {
+        match r {
+            Rows::F32(v) => v.to_vec(),
+            Rows::Bf16(v) => v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect(),
+            Rows::F16(v) => v.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect(),
+        }
+    }
 
     /// The vectorizable `exp` and SiLU agree with libm's within a few ulps over the range that
     /// matters, and keep NaN.
@@ -513,7 +532,7 @@ mod tests {
         assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, step(0, 150));
         assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, step(0, 150));
         let (keys, _) = kv.head(1, 2);
-        assert_eq!(keys.get(149 * d), Some(&val(1, 2, 149, 0)));
+        assert_eq!(widen(keys).get(149 * d), Some(&val(1, 2, 149, 0)));
         assert!(kv.append(&[0.0; 3], &[0.0; 3], 1).is_err());
         Ok(())
     }
@@ -568,8 +587,8 @@ mod tests {
             let (k, _) = kv.tensors(&Device::Cpu)?;
             assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, vals);
             let (keys, values) = kv.head(0, 1);
-            assert_eq!(&keys[..], &vals[t * d..]);
-            assert_eq!(&values[..], &vals[t * d..]);
+            assert_eq!(widen(keys), &vals[t * d..]);
+            assert_eq!(widen(values), &vals[t * d..]);
         }
         Ok(())
     }

@@ -737,6 +737,48 @@ pub(super) unsafe fn dot_16bit<const F16: bool>(w: *const u16, x: &[f32], n: usi
     s
 }
 
+/// `y[i] += a * w[i]` for the common length of 16-bit `w` (f16 when `F16`, else bf16) and `y`.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy_16bit<const F16: bool>(a: f32, w: &[u16], y: &mut [f32]) {
+    let n = w.len().min(y.len());
+    let (wp, yp) = (w.as_ptr(), y.as_mut_ptr());
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    // Loads and stores cover `i .. i + 8 <= n` of both.
+    while i + 8 <= n {
+        let v = _mm256_fmadd_ps(av, load16::<F16>(wp, i), _mm256_loadu_ps(yp.add(i)));
+        _mm256_storeu_ps(yp.add(i), v);
+        i += 8;
+    }
+    for (o, &bits) in y.iter_mut().zip(w).take(n).skip(i) {
+        let v = if F16 { half::f16::from_bits(bits).to_f32() } else { half::bf16::from_bits(bits).to_f32() };
+        *o = a.mul_add(v, *o);
+    }
+}
+
+/// `y[i] += a * w[i]` for the common length of `w` and `y`.
+///
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn axpy_f32(a: f32, w: &[f32], y: &mut [f32]) {
+    let n = w.len().min(y.len());
+    let (wp, yp) = (w.as_ptr(), y.as_mut_ptr());
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(yp.add(i)));
+        _mm256_storeu_ps(yp.add(i), v);
+        i += 8;
+    }
+    for (o, &v) in y.iter_mut().zip(w).take(n).skip(i) {
+        *o = a.mul_add(v, *o);
+    }
+}
+
 /// The f32 micro-kernel (see [`super::four_bit::tile`] for the operands).
 ///
 /// # Safety

@@ -44,6 +44,7 @@ mod dense;
 mod four_bit;
 mod int8;
 pub(crate) mod quant;
+mod rows;
 mod team;
 
 #[cfg(target_arch = "x86_64")]
@@ -65,6 +66,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub use four_bit::{matmul_4bit, matmul_4bit_with, Matrix4bit, Precision, Rounding};
 pub use int8::{int8_matmul_i32, int8_matmul_i32_with};
 pub use quant::{int8_vectorwise_quant_with, quantize_4bit_with};
+pub use rows::Rows;
 pub use team::{for_each_chunk_mut, for_each_index};
 
 use nibble_core::{Error, Result};
