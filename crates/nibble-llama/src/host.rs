@@ -367,7 +367,7 @@ impl Llama {
     }
 
     /// One token per batch row through `layer`: `x` is `[batch, 1, hidden]` at the position
-    /// whose RoPE cos and sin are `rot` ([`crate::Rope::cos_sin_host`]).
+    /// whose RoPE cos and sin are `rot` ([`crate::Rope::cos_sin_host`]), every row in `kv`.
     pub(crate) fn layer_step_host(
         &self,
         layer: &Layer,
@@ -377,10 +377,58 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, _, h) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let p = self.precision();
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let xs = self.layer_rows(layer, xs, b, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
+            rope(q, hd, cos, sin, p);
+            rope(k, hd, cos, sin, p);
+            // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
+            kv.append(k, v, 1)?;
+            self.attend(q, kv, b, nh, nkv, hd)
+        })?;
+        Ok(Tensor::from_vec(xs, (b, 1, h), &Device::Cpu)?)
+    }
+
+    /// One token for each of several sequences through `layer`, each with its own cache and
+    /// position: `xs` is `[n, hidden]`, row `i` at the position whose cos and sin are `rots[i]`,
+    /// attending over `kvs[i]` (a batch of one). The products run on all rows together; the
+    /// attention per row, so no row is padded to another's length.
+    pub(crate) fn layer_step_rows(
+        &self,
+        layer: &Layer,
+        xs: Vec<f32>,
+        rots: &[(Vec<f32>, Vec<f32>)],
+        kvs: &mut [&mut HostKv],
+    ) -> Result<Vec<f32>> {
+        let n = kvs.len();
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let p = self.precision();
+        if rots.len() != n {
+            return Err(Error::invalid_argument("rots", format!("{} positions for {n} sequences", rots.len())));
+        }
+        self.layer_rows(layer, xs, n, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
+            let mut out = Vec::with_capacity(n * qw);
+            for (i, (kv, (cos, sin))) in kvs.iter_mut().zip(rots).enumerate() {
+                let (qi, ki) = (&mut q[i * qw..(i + 1) * qw], &mut k[i * kw..(i + 1) * kw]);
+                rope(qi, hd, cos, sin, p);
+                rope(ki, hd, cos, sin, p);
+                kv.append(ki, &v[i * kw..(i + 1) * kw], 1)?;
+                out.extend(self.attend(qi, kv, 1, nh, nkv, hd)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The layer on `b` rows of `xs` (`[b, hidden]`), with `attention(q, k, v)` turning the
+    /// rows' projections (after any q/k norm) into the attention output `[b, heads * head_dim]`
+    /// (RoPE, the cache and the attention itself are the caller's).
+    fn layer_rows<F>(&self, layer: &Layer, mut xs: Vec<f32>, b: usize, attention: F) -> Result<Vec<f32>>
+    where
+        F: FnOnce(&mut [f32], &mut [f32], &[f32]) -> Result<Vec<f32>>,
+    {
         let eps = self.cfg.rms_norm_eps;
         let p = self.precision();
-        let mut xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-
         let hn = rms_norm(&xs, &layer.input_norm.host, eps, p);
         // Each product is split across the kernel team (see `nibble_quant::kernels::for_each_index`),
         // so they run one after another.
@@ -400,11 +448,7 @@ impl Llama {
         if let Some(n) = &layer.k_norm {
             k = rms_norm(&k, &n.host, eps, p);
         }
-        rope(&mut q, hd, cos, sin, p);
-        rope(&mut k, hd, cos, sin, p);
-        // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
-        kv.append(&k, &v, 1)?;
-        let attn = self.attend(&q, kv, b, nh, nkv, hd)?;
+        let attn = attention(&mut q, &mut k, &v)?;
         let o = layer.o.forward_f32(&attn, b)?;
         xs.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         p.round_slice(&mut xs);
@@ -423,7 +467,7 @@ impl Llama {
         let down = layer.down.forward_f32(&act, b)?;
         xs.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         p.round_slice(&mut xs);
-        Ok(Tensor::from_vec(xs, (b, 1, h), &Device::Cpu)?)
+        Ok(xs)
     }
 
     /// Scaled dot-product attention of one query position per batch row (`q` is

@@ -473,6 +473,58 @@ impl Llama {
         self.linear(self.lm_head.as_ref(), &x)
     }
 
+    /// One decode step for several sequences at once, each with its own cache (a batch of one
+    /// each, at its own position `caches[i].len()`): `tokens[i]` is sequence `i`'s next token.
+    /// Returns f32 logits `[n, vocab]`. The matrix products run on all rows together (each weight
+    /// read once per step); attention runs per sequence over its own cache, with no padding.
+    /// Where a layer is not on the host, the sequences step one at a time.
+    pub fn decode_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 || caches.len() != n {
+            return Err(Error::invalid_argument("tokens", format!("{n} tokens for {} caches", caches.len())));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::invalid_argument(
+                "tokens",
+                format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size),
+            ));
+        }
+        let host = self.layers.iter().all(|l| self.host_path(&l.device)) && self.placement.embed.is_cpu();
+        let slots_ok = caches.iter().all(|c| {
+            c.layers.len() == self.layers.len() && c.layers.iter().all(|s| matches!(s, Slot::Empty | Slot::Host(_)))
+        });
+        if !host || !slots_ok {
+            let mut rows = Vec::with_capacity(n);
+            for (&t, cache) in tokens.iter().zip(caches.iter_mut()) {
+                let ids = Tensor::new(&[[t]], &self.placement.embed)?;
+                let offset = cache.len();
+                rows.push(self.forward(&ids, offset, cache, true)?.reshape((1, self.cfg.vocab_size))?);
+            }
+            return Ok(Tensor::cat(&rows, 0)?);
+        }
+        let h = self.cfg.hidden_size;
+        let ids = Tensor::new(tokens, &self.placement.embed)?;
+        let mut xs: Vec<f32> = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let p = self.precision();
+        let rots: Vec<_> = caches.iter().map(|c| self.rope.cos_sin_host(c.len(), p)).collect();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut kvs = Vec::with_capacity(n);
+            for cache in caches.iter_mut() {
+                let slot = &mut cache.layers[li];
+                if matches!(slot, Slot::Empty) {
+                    *slot = Slot::Host(self.host_kv(1, layer.window));
+                }
+                if let Slot::Host(kv) = slot {
+                    kvs.push(kv);
+                }
+            }
+            xs = self.layer_step_rows(layer, xs, &rots, &mut kvs)?;
+        }
+        let x = Tensor::from_vec(xs, (n, 1, h), &Device::Cpu)?.to_device(&self.placement.head)?;
+        let x = self.rms_norm(&x, &self.norm)?;
+        Ok(self.linear(self.lm_head.as_ref(), &x)?.reshape((n, self.cfg.vocab_size))?)
+    }
+
     /// An empty host cache for a layer with attention window `window`, `batch` rows.
     fn host_kv(&self, batch: usize, window: Option<usize>) -> HostKv {
         HostKv::new(batch, self.cfg.num_key_value_heads, self.cfg.head_dim, self.precision(), window)

@@ -83,12 +83,13 @@ fn reference_weight(q: &Packed4bit, r: Rounding) -> Vec<f64> {
     w.iter().map(|&v| f64::from(r.compute.round(v))).collect()
 }
 
-/// Whether `isa`'s product of this shape factors block scales out (the AVX2 one-row kernel for
-/// rows of whole 64-value chunks and whole blocks of 64 or more, weights ending in bf16).
+/// Whether `isa`'s product of this shape factors block scales out (the AVX2 one-row kernel, which
+/// every matrix-vector row runs, for rows of whole 64-value chunks and whole blocks of 64 or
+/// more, weights ending in bf16 or f32 weights with f32 compute).
 fn scale_factored(isa: Isa, r: Rounding, n_in: usize, bs: usize, rows: usize) -> Option<Precision> {
     let f32_weights = r.weight == Precision::F32 && r.compute == Precision::F32;
     let factored = isa == Isa::Avx2
-        && rows == 1
+        && rows <= 16
         && (r.stored() == Precision::Bf16 || f32_weights)
         && bs >= 64
         && n_in.is_multiple_of(64)

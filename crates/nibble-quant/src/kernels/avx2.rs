@@ -316,48 +316,30 @@ unsafe fn row_tables<const MODE: u8>(
     }
 }
 
-/// Up to four activation rows at once against weight rows `row0 .. row0 + n` whose width is a
-/// multiple of 32: `out[i * stride + off + j] = W[row0 + i, :] . x_j` for `j < r`, where `xp`
-/// holds the `r` rows of x, each [`permute_x`]-ed. Each weight is decoded once for all `r` rows.
+/// One activation row against weight rows `row0 .. row0 + n` whose width is a multiple of 32:
+/// `out[i * stride + off] = W[row0 + i, :] . x`, where `xp` is the row [`permute_x`]-ed. (A
+/// product of several activation rows runs this for each, so that a row's result does not
+/// depend on the batch.)
 ///
 /// # Safety
-/// The CPU must support avx2, fma and f16c. `w.in_features % 32 == 0`, `1 <= r <= 4`,
-/// `xp.len() == r * w.in_features`, `row0 + n <= w.out_features` (weights and activations are
+/// The CPU must support avx2, fma and f16c. `w.in_features % 32 == 0`,
+/// `xp.len() == w.in_features`, `row0 + n <= w.out_features` (weights and activations are
 /// reached through checked slices; the loads read inside them).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn gemv_rows(
-    w: &Matrix4bit<'_>,
-    xp: &[f32],
-    r: usize,
-    out: &mut [f32],
-    stride: usize,
-    off: usize,
-    row0: usize,
-    n: usize,
-) {
-    macro_rules! by_rows {
-        ($mode:expr) => {
-            match r {
-                1 => gemv_rows_impl::<{ $mode }, 1>(w, xp, out, stride, off, row0, n),
-                2 => gemv_rows_impl::<{ $mode }, 2>(w, xp, out, stride, off, row0, n),
-                3 => gemv_rows_impl::<{ $mode }, 3>(w, xp, out, stride, off, row0, n),
-                _ => gemv_rows_impl::<{ $mode }, 4>(w, xp, out, stride, off, row0, n),
-            }
-        };
-    }
+pub(super) unsafe fn gemv_rows(w: &Matrix4bit<'_>, xp: &[f32], out: &mut [f32], stride: usize, off: usize, row0: usize, n: usize) {
     match mode_of(w.rounding) {
-        MODE_BF16 => by_rows!(MODE_BF16),
-        MODE_F16_BF16 => by_rows!(MODE_F16_BF16),
-        MODE_F32 => by_rows!(MODE_F32),
-        MODE_BF16_F16 => by_rows!(MODE_BF16_F16),
-        _ => by_rows!(MODE_F16),
+        MODE_BF16 => gemv_rows_impl::<MODE_BF16>(w, xp, out, stride, off, row0, n),
+        MODE_F16_BF16 => gemv_rows_impl::<MODE_F16_BF16>(w, xp, out, stride, off, row0, n),
+        MODE_F32 => gemv_rows_impl::<MODE_F32>(w, xp, out, stride, off, row0, n),
+        MODE_BF16_F16 => gemv_rows_impl::<MODE_BF16_F16>(w, xp, out, stride, off, row0, n),
+        _ => gemv_rows_impl::<MODE_F16>(w, xp, out, stride, off, row0, n),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
+unsafe fn gemv_rows_impl<const MODE: u8>(
     w: &Matrix4bit<'_>,
     xp: &[f32],
     out: &mut [f32],
@@ -375,7 +357,7 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
     let low4 = _mm256_set1_epi8(0x0f);
     let hi16 = hi16_mask();
     let nib_shift = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
-    let xs: [&[f32]; R] = std::array::from_fn(|j| &xp[j * n_in..(j + 1) * n_in]);
+    let x = &xp[..n_in];
     // Table slots as `row_tables` lays them out. A row touches at most in / bs + 2 blocks (it
     // may start and end mid-block).
     let pairs = ((n_in >> bs_shift) + 2).div_ceil(2);
@@ -389,10 +371,10 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
         let scales = &w.absmax[b0..=b1];
         row_tables::<MODE>(w, &lq, b0, scales, &mut tabs);
         // Phase 2: 32 weights per step; group g of the row lies in block (g + off) >> gpb_shift.
-        // One row keeps four accumulators (FMA latency); several rows keep two each.
+        // Four accumulators, so FMA latency never limits it.
         let goff = (start & (bs - 1)) >> 5;
         let bytes = &w.packed[start / 2..end / 2];
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let mut a = [_mm256_setzero_ps(); 4];
         for (g, pb) in bytes.chunks_exact(16).enumerate() {
             let j = (g + goff) >> gpb_shift;
             let slot = 8 * (j >> 1) + (j & 1);
@@ -408,25 +390,13 @@ unsafe fn gemv_rows_impl<const MODE: u8, const R: usize>(
             let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(pb.as_ptr().cast()));
             let idx = _mm256_and_si256(_mm256_srlv_epi32(v, nib_shift), low4);
             let f = lookup32::<MODE>(&t, idx, hi16);
-            for (a, x) in acc.iter_mut().zip(&xs) {
-                // `x` has `n_in` values and 32 g + 32 <= n_in.
-                let xpp = x.as_ptr().add(32 * g);
-                if R == 1 {
-                    a[0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xpp), a[0]);
-                    a[1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xpp.add(8)), a[1]);
-                    a[2] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xpp.add(16)), a[2]);
-                    a[3] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xpp.add(24)), a[3]);
-                } else {
-                    a[0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xpp), a[0]);
-                    a[1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xpp.add(8)), a[1]);
-                    a[0] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xpp.add(16)), a[0]);
-                    a[1] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xpp.add(24)), a[1]);
-                }
+            // `x` has `n_in` values and 32 g + 32 <= n_in.
+            let xpp = x.as_ptr().add(32 * g);
+            for k in 0..4 {
+                a[k] = _mm256_fmadd_ps(f[k], _mm256_loadu_ps(xpp.add(8 * k)), a[k]);
             }
         }
-        for (j, a) in acc.iter().enumerate() {
-            out[i * stride + off + j] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-        }
+        out[i * stride + off] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
     }
 }
 

@@ -46,10 +46,10 @@ pub(super) fn permute_x(x: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Whether the kernel applies to `w`: rows a multiple of 64 wide and blocks of 64 or more (a
-/// power of two), so every 64-value chunk of a row lies in one block.
+/// Whether the kernel applies to `w`: rows a multiple of 16 wide (block sizes are powers of two
+/// from 32 up), so every 16-value group of a row starts on a byte and lies in one block.
 pub(super) fn applies(w: &Matrix4bit<'_>) -> bool {
-    w.in_features.is_multiple_of(64) && w.blocksize >= 64
+    w.in_features.is_multiple_of(16) && w.blocksize >= 16
 }
 
 /// The 4-bit indices of 16 weights from the 8 packed bytes at `p`, in the order [`ORDER16`]
@@ -111,7 +111,8 @@ unsafe fn table(w: &Matrix4bit<'_>, code: __m512, b: usize, s: f32) -> __m512 {
 /// The CPU must support avx512f. [`applies`] holds for `w`, `1 <= R <= 4`,
 /// `xp.len() == R * w.in_features`, `row0 + n <= w.out_features` (outputs are written through
 /// checked indexing).
-#[allow(clippy::too_many_arguments)]
+// The last group's macro expansion records a block no later group reads.
+#[allow(clippy::too_many_arguments, unused_assignments)]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn gemv_rows<const R: usize>(
     w: &Matrix4bit<'_>,
@@ -129,36 +130,47 @@ pub(super) unsafe fn gemv_rows<const R: usize>(
     let shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
     let xs: [*const f32; R] = std::array::from_fn(|j| xp.as_ptr().add(j * n_in));
     let packed = w.packed.as_ptr();
+    // Group `g` of a row (values 16g .. 16g + 16): its table (rebuilt when the group enters a new
+    // block), its lookup, and one FMA per activation row into accumulator `K = g % 4`. A macro,
+    // so that `K` is a constant and the accumulators stay in registers.
+    macro_rules! group {
+        ($acc:ident, $t:ident, $block:ident, $start:expr, $g:expr, $k:expr) => {{
+            let e = $start + 16 * $g;
+            let b = e >> bs_shift;
+            if b != $block {
+                $block = b;
+                // `b` is a block of the weight (e < out * in), so the index never fails.
+                $t = table(w, code, b, w.absmax.get(b).copied().unwrap_or(f32::NAN));
+            }
+            // The group's 8 bytes lie in the row: e / 2 + 8 <= (start + n_in) / 2.
+            let f = _mm512_permutexvar_ps(indices(packed.add(e / 2), shifts), $t);
+            for (a, &x) in $acc.iter_mut().zip(&xs) {
+                // Each x row has n_in values: 16 g + 16 <= n_in.
+                a[$k] = _mm512_fmadd_ps(f, _mm512_loadu_ps(x.add(16 * $g)), a[$k]);
+            }
+        }};
+    }
+    let groups = n_in / 16;
     for i in 0..n {
         let start = (row0 + i) * n_in;
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        // 64-value chunks; each lies in one block (`applies`), whose table is rebuilt when the
-        // chunk enters a new block.
         let mut t = _mm512_setzero_ps();
         let mut block = usize::MAX;
-        for c in 0..n_in / 64 {
-            let e = start + 64 * c;
-            let b = e >> bs_shift;
-            if b != block {
-                block = b;
-                // `b` is a block of the weight (e < out * in), so the index never fails.
-                t = table(w, code, b, w.absmax.get(b).copied().unwrap_or(f32::NAN));
-            }
-            // The chunk's 32 bytes lie in the row: e / 2 + 32 <= (start + n_in) / 2.
-            let p = packed.add(e / 2);
-            let f = [
-                _mm512_permutexvar_ps(indices(p, shifts), t),
-                _mm512_permutexvar_ps(indices(p.add(8), shifts), t),
-                _mm512_permutexvar_ps(indices(p.add(16), shifts), t),
-                _mm512_permutexvar_ps(indices(p.add(24), shifts), t),
-            ];
-            for (a, &x) in acc.iter_mut().zip(&xs) {
-                // Each x row has n_in values: 64 c + 64 <= n_in.
-                let xc = x.add(64 * c);
-                for k in 0..4 {
-                    a[k] = _mm512_fmadd_ps(f[k], _mm512_loadu_ps(xc.add(16 * k)), a[k]);
-                }
-            }
+        for c in 0..groups / 4 {
+            group!(acc, t, block, start, 4 * c, 0);
+            group!(acc, t, block, start, 4 * c + 1, 1);
+            group!(acc, t, block, start, 4 * c + 2, 2);
+            group!(acc, t, block, start, 4 * c + 3, 3);
+        }
+        let g = groups - groups % 4;
+        if groups % 4 > 0 {
+            group!(acc, t, block, start, g, 0);
+        }
+        if groups % 4 > 1 {
+            group!(acc, t, block, start, g + 1, 1);
+        }
+        if groups % 4 > 2 {
+            group!(acc, t, block, start, g + 2, 2);
         }
         for (j, a) in acc.iter().enumerate() {
             let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));

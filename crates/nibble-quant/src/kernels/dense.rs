@@ -64,20 +64,38 @@ pub fn matmul_dense_with(
     if in_features == 0 {
         return Ok(y);
     }
-    let per_task = chunk_len(out_features, min_macs_per_matvec_task().div_ceil(in_features));
-    for (xr, yr) in x.chunks_exact(in_features).zip(y.chunks_exact_mut(out_features.max(1))) {
-        let run = |t: usize, yc: &mut [f32]| {
-            let o0 = t * per_task;
+    let dot = |o: usize, xr: &[f32]| {
+        let (a, b) = (o * in_features, (o + 1) * in_features);
+        match w {
+            DenseWeight::F32(w) => dot_f32(isa, &w[a..b], xr),
+            DenseWeight::F16(w) => dot_f16(isa, &w[a..b], xr),
+            DenseWeight::Bf16(w) => dot_bf16(isa, &w[a..b], xr),
+        }
+    };
+    let per_task = chunk_len(out_features, min_macs_per_matvec_task().div_ceil(in_features * rows));
+    if rows == 1 {
+        for_each_chunk_mut(&mut y, per_task, |t, yc| {
             for (i, yo) in yc.iter_mut().enumerate() {
-                let (a, b) = ((o0 + i) * in_features, (o0 + i + 1) * in_features);
-                *yo = match w {
-                    DenseWeight::F32(w) => dot_f32(isa, &w[a..b], xr),
-                    DenseWeight::F16(w) => dot_f16(isa, &w[a..b], xr),
-                    DenseWeight::Bf16(w) => dot_bf16(isa, &w[a..b], xr),
-                };
+                *yo = dot(t * per_task + i, x);
             }
-        };
-        for_each_chunk_mut(yr, per_task, run);
+        });
+        return Ok(y);
+    }
+    // Several rows: each weight row is read once and dotted with every activation row while it
+    // sits in L1 (the same dot as for one row, so a row's result does not depend on the batch),
+    // into `[out, rows]`, then transposed.
+    let mut yt = vec![0.0f32; rows * out_features];
+    for_each_chunk_mut(&mut yt, per_task * rows, |t, yc| {
+        for (i, ys) in yc.chunks_exact_mut(rows).enumerate() {
+            for (yo, xr) in ys.iter_mut().zip(x.chunks_exact(in_features)) {
+                *yo = dot(t * per_task + i, xr);
+            }
+        }
+    });
+    for (o, ys) in yt.chunks_exact(rows).enumerate() {
+        for (r, &v) in ys.iter().enumerate() {
+            y[r * out_features + o] = v;
+        }
     }
     Ok(y)
 }

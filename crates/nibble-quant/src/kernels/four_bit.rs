@@ -230,9 +230,9 @@ fn decode_segment(packed: &[u8], e0: usize, t: &[f32; 16], out: &mut [f32]) {
     }
 }
 
-/// Activation rows up to which the matrix-vector kernels are used (the AVX2 one decodes each
-/// weight once per four rows); beyond, decoding weight panels once for the matrix-matrix kernel
-/// is cheaper.
+/// Activation rows up to which the matrix-vector kernels are used (a batched decode step; the
+/// AVX-512 one looks each weight up once per four rows); beyond, decoding weight panels once for
+/// the matrix-matrix kernel is cheaper.
 const GEMV_MAX_ROWS: usize = 16;
 
 /// Inputs per weight panel of the matrix-matrix kernel: 16 outputs x 256 inputs x 4 bytes = 16 KiB,
@@ -357,45 +357,48 @@ where
 }
 
 /// The AVX2 matrix-vector path for `rows` activation rows (rows of `W` a multiple of 32 wide):
-/// weight rows split across threads, each weight decoded once per four activation rows.
+/// weight rows split across threads, each activation row through the one-row kernels.
 #[cfg(target_arch = "x86_64")]
 fn gemv_avx2(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
     let (n_in, n_out) = (w.in_features, w.out_features);
-    if rows == 1 && n_in.is_multiple_of(64) && n_in.is_multiple_of(w.blocksize) {
-        // Decode of one token with rows made of whole blocks (nearly every real model).
-        let xp = super::avx2::permute_x64(x);
-        let per_task = chunk_len(n_out, min_macs_per_matvec_task().div_ceil(n_in));
-        // SAFETY: `matmul_4bit_with` checked `Isa::Avx2`; rows are a multiple of 64 and of the
-        // block size wide, `xp` holds one row of `n_in`, and each task's rows exist (`y` has
-        // `n_out` values).
-        let run = |t: usize, yc: &mut [f32]| unsafe { super::avx2::gemv_row64(w, &xp, yc, t * per_task) };
-        for_each_chunk_mut(y, per_task, run);
-        return;
-    }
-    // The kernel decodes weights in an interleaved order; permuting x once per call to match is
+    // Rows made of whole blocks (nearly every real model) take the 64-value kernel.
+    let whole = n_in.is_multiple_of(64) && n_in.is_multiple_of(w.blocksize);
+    // The kernels decode weights in an interleaved order; permuting x once per call to match is
     // cheaper than un-permuting every decoded weight.
-    let xp: Vec<f32> = x.chunks_exact(n_in).flat_map(super::avx2::permute_x).collect();
+    let permute = if whole { super::avx2::permute_x64 } else { super::avx2::permute_x };
+    let xp: Vec<f32> = x.chunks_exact(n_in).flat_map(permute).collect();
+    // Every activation row runs the one-row kernel, so that a row's result does not depend on
+    // how many rows are computed together (a batched decode step gives each sequence what it
+    // gets alone); a task's weight rows stay in cache from one activation row to the next.
+    let one_row = |xr: &[f32], o0: usize, out: &mut [f32]| {
+        // SAFETY: `matmul_4bit_with` checked `Isa::Avx2` (avx2+fma+f16c detected); rows are a
+        // multiple of 32 wide (`rows_aligned`), of 64 and of the block size for `gemv_row64`;
+        // `xr` holds one permuted row of `n_in`, and the weight rows `o0 .. o0 + out.len()` exist.
+        unsafe {
+            if whole {
+                super::avx2::gemv_row64(w, xr, out, o0);
+            } else {
+                super::avx2::gemv_rows(w, xr, out, 1, 0, o0, out.len());
+            }
+        }
+    };
     // One row goes to the kernel team, several to rayon (below).
     let min_macs = if rows == 1 { min_macs_per_matvec_task() } else { min_macs_per_pool_task() };
     let per_task = chunk_len(n_out, min_macs.div_ceil(n_in * rows));
-    // Weight rows `o0 .. o0 + n` for every activation row, into `out` as `[n, rows]`.
-    let run = |o0: usize, n: usize, out: &mut [f32]| {
-        let mut r0 = 0;
-        while r0 < rows {
-            let r = (rows - r0).min(4);
-            // SAFETY: `matmul_4bit_with` checked `Isa::Avx2` (avx2+fma+f16c detected); rows are
-            // a multiple of 32 wide (`rows_aligned`), `xp` holds `r` rows from `r0`, and the
-            // weight rows `o0 .. o0 + n` exist.
-            unsafe { super::avx2::gemv_rows(w, &xp[r0 * n_in..(r0 + r) * n_in], r, out, rows, r0, o0, n) };
-            r0 += r;
-        }
-    };
     if rows == 1 {
-        // `[n, 1]` is the output itself.
-        for_each_chunk_mut(y, per_task, |t, yc| run(t * per_task, yc.len(), yc));
+        for_each_chunk_mut(y, per_task, |t, yc| one_row(&xp, t * per_task, yc));
         return;
     }
-    scatter_rows(y, rows, n_out, per_task, |o0, n, out, _| run(o0, n, out));
+    // Weight rows `o0 .. o0 + n` for every activation row, into `out` as `[n, rows]`.
+    scatter_rows(y, rows, n_out, per_task, |o0, n, out, _| {
+        let mut part = vec![0.0f32; n];
+        for (r, xr) in xp.chunks_exact(n_in).enumerate() {
+            one_row(xr, o0, &mut part);
+            for (i, &v) in part.iter().enumerate() {
+                out[i * rows + r] = v;
+            }
+        }
+    });
 }
 
 /// One activation row: `y[o] = sum_k W[o, k] x[k]`, rows split across threads (the NEON kernel

@@ -24,7 +24,8 @@
 //! one per block at the cost of a multiply and looks weights up exactly (no factoring, below),
 //! with a summation order that does not depend on how many activation rows run together.
 //!
-//! The AVX2 one-token decode kernel, in blocks of 64 or more, factors the block scale out
+//! The AVX2 matrix-vector kernel (every activation row runs it on its own, so that a row's
+//! result never depends on the batch), in blocks of 64 or more, factors the block scale out
 //! instead: `sum_b absmax_b * sum_(i in b) code_i * x_i`, one code table per matrix instead of
 //! one per block (building a table per block was a third of its work). With f32 weights the
 //! table is the exact f32 code book, so this differs from the per-weight product by f32 rounding

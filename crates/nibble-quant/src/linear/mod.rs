@@ -185,8 +185,9 @@ impl DenseLinear {
 }
 
 /// Activation rows up to which a dense layer on the CPU uses the streaming matrix-vector kernel
-/// (decode); more rows go to candle's blocked matmul, which reuses each weight across rows.
-const DENSE_GEMV_MAX_ROWS: usize = 3;
+/// (decode, and a batched decode step: it reads each weight row once for all rows); more rows go
+/// to candle's blocked matmul (prefill).
+const DENSE_GEMV_MAX_ROWS: usize = 16;
 
 impl DenseLinear {
     /// The host path: [`kernels::matmul_dense`] streams the weight once per row at memory speed,
