@@ -162,14 +162,14 @@ pub(super) unsafe fn gemv_rows<const R: usize>(
             group!(acc, t, block, start, 4 * c + 2, 2);
             group!(acc, t, block, start, 4 * c + 3, 3);
         }
-        let g = groups - groups % 4;
-        if groups % 4 > 0 {
+        let (g, rest) = (groups - groups % 4, groups % 4);
+        if rest > 0 {
             group!(acc, t, block, start, g, 0);
         }
-        if groups % 4 > 1 {
+        if rest > 1 {
             group!(acc, t, block, start, g + 1, 1);
         }
-        if groups % 4 > 2 {
+        if rest > 2 {
             group!(acc, t, block, start, g + 2, 2);
         }
         for (j, a) in acc.iter().enumerate() {
