@@ -78,29 +78,38 @@ unsafe fn round_f16(v: __m512) -> __m512 {
     _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v))
 }
 
-/// Rounds 16 finite values to `p`.
+/// A precision as a const-generic parameter (so a kernel's roundings are fixed at compile time).
+const P_F32: u8 = 0;
+/// See [`P_F32`].
+const P_F16: u8 = 1;
+/// See [`P_F32`].
+const P_BF16: u8 = 2;
+
+/// Rounds 16 finite values to the precision `P`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn round(p: Precision, v: __m512) -> __m512 {
-    match p {
-        Precision::F32 => v,
-        Precision::F16 => round_f16(v),
-        Precision::Bf16 => round_bf16(v),
+unsafe fn round<const P: u8>(v: __m512) -> __m512 {
+    match P {
+        P_F16 => round_f16(v),
+        P_BF16 => round_bf16(v),
+        _ => v,
     }
 }
 
-/// The table of block `b` (scale `s`): `code * s` rounded as `w` rounds. Non-finite scales go
-/// through the scalar rounding, which handles NaN payloads and infinities exactly as `half`.
+/// The table of block `b` (scale `s`): `code * s` rounded to `WP`, then `CP` (the layer's
+/// rounding chain). Non-finite scales go through the scalar rounding, which handles NaN payloads
+/// and infinities exactly as `half`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn table(w: &Matrix4bit<'_>, code: __m512, b: usize, s: f32) -> __m512 {
+unsafe fn table<const WP: u8, const CP: u8>(w: &Matrix4bit<'_>, code: __m512, b: usize) -> __m512 {
+    // `b` is a block of the weight (callers pass blocks of values they read).
+    let s = w.absmax.get(b).copied().unwrap_or(f32::NAN);
     if !s.is_finite() {
         let t = w.block_table(b);
         return _mm512_loadu_ps(t.as_ptr());
     }
     // |code| <= 1, so the product of a finite scale is finite and the vector roundings apply.
-    let v = _mm512_mul_ps(code, _mm512_set1_ps(s));
-    round(w.rounding.compute, round(w.rounding.weight, v))
+    round::<CP>(round::<WP>(_mm512_mul_ps(code, _mm512_set1_ps(s))))
 }
 
 /// `R` activation rows against weight rows `row0 .. row0 + n`:
@@ -111,8 +120,7 @@ unsafe fn table(w: &Matrix4bit<'_>, code: __m512, b: usize, s: f32) -> __m512 {
 /// The CPU must support avx512f. [`applies`] holds for `w`, `1 <= R <= 4`,
 /// `xp.len() == R * w.in_features`, `row0 + n <= w.out_features` (outputs are written through
 /// checked indexing).
-// The last group's macro expansion records a block no later group reads.
-#[allow(clippy::too_many_arguments, unused_assignments)]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn gemv_rows<const R: usize>(
     w: &Matrix4bit<'_>,
@@ -123,6 +131,28 @@ pub(super) unsafe fn gemv_rows<const R: usize>(
     row0: usize,
     n: usize,
 ) {
+    use Precision::{Bf16, F16, F32};
+    let args = (w, xp, out, stride, off, row0, n);
+    match (w.rounding.weight, w.rounding.compute) {
+        (F32, F32) => gemv_rows_impl::<R, P_F32, P_F32>(args),
+        (F32, F16) => gemv_rows_impl::<R, P_F32, P_F16>(args),
+        (F32, Bf16) => gemv_rows_impl::<R, P_F32, P_BF16>(args),
+        (F16, F32) => gemv_rows_impl::<R, P_F16, P_F32>(args),
+        (F16, F16) => gemv_rows_impl::<R, P_F16, P_F16>(args),
+        (F16, Bf16) => gemv_rows_impl::<R, P_F16, P_BF16>(args),
+        (Bf16, F32) => gemv_rows_impl::<R, P_BF16, P_F32>(args),
+        (Bf16, F16) => gemv_rows_impl::<R, P_BF16, P_F16>(args),
+        (Bf16, Bf16) => gemv_rows_impl::<R, P_BF16, P_BF16>(args),
+    }
+}
+
+/// [`gemv_rows`]' arguments, in its order.
+type RowsArgs<'a, 'w> = (&'a Matrix4bit<'w>, &'a [f32], &'a mut [f32], usize, usize, usize, usize);
+
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_rows_impl<const R: usize, const WP: u8, const CP: u8>(
+    (w, xp, out, stride, off, row0, n): RowsArgs<'_, '_>,
+) {
     let n_in = w.in_features;
     let bs = w.blocksize;
     let bs_shift = bs.trailing_zeros();
@@ -130,47 +160,89 @@ pub(super) unsafe fn gemv_rows<const R: usize>(
     let shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
     let xs: [*const f32; R] = std::array::from_fn(|j| xp.as_ptr().add(j * n_in));
     let packed = w.packed.as_ptr();
-    // Group `g` of a row (values 16g .. 16g + 16): its table (rebuilt when the group enters a new
-    // block), its lookup, and one FMA per activation row into accumulator `K = g % 4`. A macro,
-    // so that `K` is a constant and the accumulators stay in registers.
-    macro_rules! group {
-        ($acc:ident, $t:ident, $block:ident, $start:expr, $g:expr, $k:expr) => {{
-            let e = $start + 16 * $g;
-            let b = e >> bs_shift;
-            if b != $block {
-                $block = b;
-                // `b` is a block of the weight (e < out * in), so the index never fails.
-                $t = table(w, code, b, w.absmax.get(b).copied().unwrap_or(f32::NAN));
-            }
-            // The group's 8 bytes lie in the row: e / 2 + 8 <= (start + n_in) / 2.
-            let f = _mm512_permutexvar_ps(indices(packed.add(e / 2), shifts), $t);
-            for (a, &x) in $acc.iter_mut().zip(&xs) {
-                // Each x row has n_in values: 16 g + 16 <= n_in.
-                a[$k] = _mm512_fmadd_ps(f, _mm512_loadu_ps(x.add(16 * $g)), a[$k]);
-            }
-        }};
-    }
     let groups = n_in / 16;
+    let whole = n_in.is_multiple_of(bs) && bs.is_multiple_of(64);
     for i in 0..n {
         let start = (row0 + i) * n_in;
+        let row = packed.add(start / 2);
+        // Group `g` of the row (values 16g .. 16g + 16) goes to accumulator `g % 4` of each
+        // activation row. The row is walked block by block (one table each); within a block,
+        // groups up to the next multiple of 4, then fours, then the rest, so that every
+        // accumulator index is a constant and the accumulators stay in registers.
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        let mut t = _mm512_setzero_ps();
-        let mut block = usize::MAX;
-        for c in 0..groups / 4 {
-            group!(acc, t, block, start, 4 * c, 0);
-            group!(acc, t, block, start, 4 * c + 1, 1);
-            group!(acc, t, block, start, 4 * c + 2, 2);
-            group!(acc, t, block, start, 4 * c + 3, 3);
+        macro_rules! group {
+            ($t:expr, $g:expr, $k:expr) => {{
+                // The group's 8 bytes lie in the row: 8 g + 8 <= n_in / 2.
+                let f = _mm512_permutexvar_ps(indices(row.add(8 * $g), shifts), $t);
+                for (a, &x) in acc.iter_mut().zip(&xs) {
+                    // Each x row has n_in values: 16 g + 16 <= n_in.
+                    a[$k] = _mm512_fmadd_ps(f, _mm512_loadu_ps(x.add(16 * $g)), a[$k]);
+                }
+            }};
         }
-        let (g, rest) = (groups - groups % 4, groups % 4);
-        if rest > 0 {
-            group!(acc, t, block, start, g, 0);
-        }
-        if rest > 1 {
-            group!(acc, t, block, start, g + 1, 1);
-        }
-        if rest > 2 {
-            group!(acc, t, block, start, g + 2, 2);
+        let b0 = start >> bs_shift;
+        let scales = if whole { w.absmax.get(b0..b0 + n_in / bs).unwrap_or(&[]) } else { &[] };
+        if whole && !scales.is_empty() && scales.iter().fold(true, |ok, s| ok & s.is_finite()) {
+            // Rows of whole blocks with finite scales (nearly every real model): each block is
+            // whole fours of groups, so the walk needs no per-block bookkeeping; the same
+            // groups go to the same accumulators as below.
+            let cpb = bs / 64;
+            for (j, &sc) in scales.iter().enumerate() {
+                // |code| <= 1: the product of a finite scale is finite, the roundings apply.
+                let t = round::<CP>(round::<WP>(_mm512_mul_ps(code, _mm512_set1_ps(sc))));
+                for c in 0..cpb {
+                    let g = 4 * (j * cpb + c);
+                    // 1 KiB ahead: the hardware prefetcher alone leaves a decode step's stream
+                    // of small matrices short of memory speed. A prefetch never faults.
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(8 * g + 1024).cast());
+                    group!(t, g, 0);
+                    group!(t, g + 1, 1);
+                    group!(t, g + 2, 2);
+                    group!(t, g + 3, 3);
+                }
+            }
+        } else {
+            let mut g = 0;
+            while g < groups {
+                let b = (start + 16 * g) >> bs_shift;
+                // The groups of block `b` in this row: up to the block's end or the row's.
+                let g_end = groups.min((((b + 1) << bs_shift) - start) / 16);
+                let t = table::<WP, CP>(w, code, b);
+                if g % 4 == 1 && g < g_end {
+                    group!(t, g, 1);
+                    g += 1;
+                }
+                if g % 4 == 2 && g < g_end {
+                    group!(t, g, 2);
+                    g += 1;
+                }
+                if g % 4 == 3 && g < g_end {
+                    group!(t, g, 3);
+                    g += 1;
+                }
+                while g + 4 <= g_end {
+                    // 1 KiB ahead: the hardware prefetcher alone leaves a decode step's stream of
+                    // small matrices short of memory speed. A prefetch never faults.
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(8 * g + 1024).cast());
+                    group!(t, g, 0);
+                    group!(t, g + 1, 1);
+                    group!(t, g + 2, 2);
+                    group!(t, g + 3, 3);
+                    g += 4;
+                }
+                if g < g_end {
+                    group!(t, g, 0);
+                    g += 1;
+                }
+                if g < g_end {
+                    group!(t, g, 1);
+                    g += 1;
+                }
+                if g < g_end {
+                    group!(t, g, 2);
+                    g += 1;
+                }
+            }
         }
         for (j, a) in acc.iter().enumerate() {
             let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
