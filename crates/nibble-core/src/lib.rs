@@ -337,6 +337,35 @@ pub enum Error {
         reason: String,
     },
 
+    /// A prompt plus the tokens asked for does not fit the context the model was planned for.
+    #[error(
+        "the prompt has {prompt_tokens} tokens and {max_new_tokens} more were asked for: {} in all, \
+         beyond the context of {context} tokens; shorten the prompt or lower max_tokens",
+        prompt_tokens.saturating_add(*max_new_tokens)
+    )]
+    ContextLengthExceeded {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// New tokens asked for.
+        max_new_tokens: usize,
+        /// The context length (positions the KV cache is planned for).
+        context: usize,
+    },
+
+    /// The engine's queue of waiting requests is full.
+    #[error("the server is busy: {waiting} requests are waiting (the most it queues); retry later")]
+    QueueFull {
+        /// Requests waiting.
+        waiting: usize,
+    },
+
+    /// A request was cancelled before it finished (the engine is shutting down).
+    #[error("the request was cancelled: {reason}")]
+    Cancelled {
+        /// Why.
+        reason: String,
+    },
+
     /// The model has only pickle weights (`pytorch_model.bin`), which nibble refuses to load.
     #[error(
         "{source_name} has only pickle weights ({file}); nibble loads safetensors only, for safety \

@@ -17,6 +17,7 @@
 //! → quantize ([`BitsAndBytesConfig`], tensor by tensor) → place → run ([`Model`]). Every error
 //! is a [`nibble::Error`](Error) variant a program can match on.
 
+pub mod engine;
 mod generate;
 mod gguf;
 mod model;
@@ -30,6 +31,7 @@ use candle_core::Device;
 /// candle's dtype, as the model dtype and the compute dtype resolve to.
 pub use candle_core::DType;
 
+pub use engine::{Completion, Engine, EngineOptions, Event, FinishReason, Request};
 pub use generate::{GenerateOptions, Generation, StopReason};
 pub use gguf::import_gguf;
 pub use model::{Model, Session};

@@ -291,7 +291,7 @@ impl Model {
     /// Runs one sequence through the model in chunks of [`PREFILL_CHUNK`] positions (what the
     /// planner's activation reserve assumes), extending `cache`. Returns logits `[seq, vocab]`, or
     /// `[1, vocab]` for the last position when `last_only`.
-    fn forward_chunked(&self, ids: &[u32], cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+    pub(crate) fn forward_chunked(&self, ids: &[u32], cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
         let mut outputs = Vec::new();
         for chunk in ids.chunks(PREFILL_CHUNK) {
             let input = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?;
