@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::args::ModelArgs;
 use crate::chat::{self, ChatArgs};
 use crate::report::{quant_label, Stats};
+use crate::serve::{self, ServeArgs};
 use crate::tools::{self, ImportGgufArgs, PlanArgs, QuantizeArgs};
 
 /// Run Hugging Face Llama models quantized on load (bitsandbytes NF4, FP4, LLM.int8()).
@@ -37,6 +38,8 @@ pub enum Command {
     Quantize(QuantizeArgs),
     /// Convert a Llama GGUF file to a Hugging Face folder (bf16 safetensors).
     ImportGguf(ImportGgufArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests.
+    Serve(ServeArgs),
 }
 
 /// Flags of `nibble generate`.
@@ -75,6 +78,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Doctor => tools::doctor(),
         Command::Quantize(args) => tools::quantize(args),
         Command::ImportGguf(args) => tools::import_gguf(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod args;
 pub mod chat;
 pub mod commands;
 pub mod report;
+pub mod serve;
 pub mod tools;
 
 pub use args::ModelArgs;

@@ -1,0 +1,77 @@
+//! `nibble serve`: the OpenAI-compatible server (see `docs/serving.md`).
+
+use anyhow::Context;
+use clap::Args;
+use nibble::EngineOptions;
+use nibble_serve::{shutdown_signal, ServeOptions, Server};
+
+use crate::args::ModelArgs;
+
+/// Flags of `nibble serve`. The generation flags of the model flags are defaults nothing uses:
+/// each request brings its own.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Model flags.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Context planned for each sequence (prompt plus completion) [default: the model's, at
+    /// most 4096].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// A key every request must send as `Authorization: Bearer <key>` (also read from
+    /// NIBBLE_API_KEY).
+    #[arg(long, env = "NIBBLE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most requests waiting for a place in the batch; more get 429.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// The model name `/v1/models` lists [default: the model's folder or id].
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body: usize,
+}
+
+/// Plans and loads the model once (the server answers `/health` with 503 meanwhile), then serves
+/// until SIGINT or SIGTERM.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let source = args.model.model_source();
+    // The planner sizes the KV cache for `max_batch` sequences of the context, which is then the
+    // engine's budget (0: the planner's default, resolved from the model once loaded).
+    let mut load = args.model.load_options();
+    load.max_seq_len = args.max_seq_len;
+    load.batch = args.max_batch.max(1);
+    load.progress = false;
+    let mut engine = EngineOptions::new(args.max_batch, args.max_seq_len.unwrap_or(0));
+    engine.max_queue = args.queue;
+    // A local folder or file is named by its last component (as clients would write it), a hub
+    // id by itself.
+    let name = args.served_model_name.clone().unwrap_or_else(|| {
+        let path = std::path::Path::new(source.trim_end_matches('/'));
+        match path.file_name() {
+            Some(n) if path.exists() => n.to_string_lossy().into_owned(),
+            _ => source.clone(),
+        }
+    });
+    let opts = ServeOptions { host: args.host.clone(), port: args.port, api_key: args.api_key.clone(), model_name: name, max_body: args.max_body, engine };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the runtime")?;
+    rt.block_on(async move {
+        let server = Server::bind(opts.clone()).await.with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
+        let addr = server.local_addr().context("reading the bound address")?;
+        // The one line scripts wait for.
+        eprintln!("nibble serve: listening on http://{addr} (model {}; loading)", opts.model_name);
+        let src = source.clone();
+        server.run(move || nibble::Model::load(&src, &load), shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
