@@ -7,60 +7,14 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::server::Running;
 use common::*;
-use nibble::{BitsAndBytesConfig, EngineOptions, LoadOptions, Model};
-use nibble_serve::{ServeOptions, Server};
+use nibble::{BitsAndBytesConfig, LoadOptions, Model};
 use serde_json::{json, Value};
 
-/// A server on a free port, stopped when dropped.
-struct Running {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn start(api_key: Option<&str>, max_queue: usize, max_body: usize) -> Running {
-    let mut engine = EngineOptions::new(8, 256);
-    engine.max_queue = max_queue;
-    let opts = ServeOptions {
-        host: "127.0.0.1".into(),
-        port: 0,
-        api_key: api_key.map(str::to_string),
-        model_name: "tiny".into(),
-        max_body,
-        engine,
-    };
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let server = Server::bind(opts).await.unwrap();
-            addr_tx.send(server.local_addr().unwrap()).unwrap();
-            let load = || Model::load(&tiny_model(), &LoadOptions { quant: BitsAndBytesConfig::nf4(), ..LoadOptions::default() });
-            server.run(load, async { let _ = stopped.await; }).await.unwrap();
-        });
-    });
-    let addr = addr_rx.recv().unwrap();
-    let r = Running { addr, stop: Some(stop), thread: Some(thread) };
-    // Ready once /health says so.
-    let t0 = Instant::now();
-    while http(&r, "GET", "/health", None, &[]).0 != 200 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the server never became ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    r
+    let load = || Model::load(&tiny_model(), &LoadOptions { quant: BitsAndBytesConfig::nf4(), ..LoadOptions::default() });
+    Running::start(api_key, max_queue, max_body, 256, load)
 }
 
 /// One HTTP/1.0 exchange (the answer ends when the server closes): status and body.
