@@ -127,6 +127,8 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
         Some(_) => return Err(ApiError::invalid("stop", "`stop` must be a string or a list of strings")),
     };
     let stream = f.bool("stream")?.unwrap_or(false);
+    // An extension (llama.cpp's and vLLM's name): generate exactly `max_tokens`, past any eos.
+    let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     let include_usage = match o.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(Value::Object(so)) => Fields(so).bool("include_usage")?.unwrap_or(false),
@@ -140,7 +142,7 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Parsed, ApiError> {
         repetition_penalty: 1.0,
         // A fixed default keeps unseeded requests reproducible, as `nibble generate` is.
         seed: seed.map_or(299_792_458, |s| s as u64),
-        stop_at_eos: true,
+        stop_at_eos: !ignore_eos,
     };
     Ok(Parsed { model, input, max_tokens, opts, stop, presence_penalty, frequency_penalty, stream, include_usage })
 }

@@ -5,6 +5,7 @@
 //! speed on every core; 16-bit weights are widened to f32 in registers (exactly), so a bf16
 //! weight costs half the bytes of its f32 copy and gives the same products.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use nibble_core::{Error, Result};
 use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa};
@@ -81,14 +82,20 @@ pub fn matmul_dense_with(
         });
         return Ok(y);
     }
-    // Several rows: each weight row is read once and dotted with every activation row while it
-    // sits in L1 (the same dot as for one row, so a row's result does not depend on the batch),
-    // into `[out, rows]`, then transposed.
+    // Several rows: each weight row is read once for every activation row (16-bit weights are
+    // widened once for up to four rows; a row's result is the same dot as alone, so it does not
+    // depend on the batch), into `[out, rows]`, then transposed.
+    let xs: Vec<&[f32]> = x.chunks_exact(in_features).collect();
     let mut yt = vec![0.0f32; rows * out_features];
     for_each_chunk_mut(&mut yt, per_task * rows, |t, yc| {
         for (i, ys) in yc.chunks_exact_mut(rows).enumerate() {
-            for (yo, xr) in ys.iter_mut().zip(x.chunks_exact(in_features)) {
-                *yo = dot(t * per_task + i, xr);
+            let o = t * per_task + i;
+            let mut r0 = 0;
+            while r0 < rows {
+                let r = (rows - r0).min(4);
+                let got = dots(isa, w, o, in_features, &xs[r0..r0 + r]);
+                ys[r0..r0 + r].copy_from_slice(&got[..r]);
+                r0 += r;
             }
         }
     });
@@ -98,6 +105,50 @@ pub fn matmul_dense_with(
         }
     }
     Ok(y)
+}
+
+/// Weight row `o` dotted with each of the 1..=4 rows `xs` (the first `xs.len()` values).
+fn dots(isa: Isa, w: DenseWeight<'_>, o: usize, in_features: usize, xs: &[&[f32]]) -> [f32; 4] {
+    let (a, b) = (o * in_features, (o + 1) * in_features);
+    let mut out = [0.0f32; 4];
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        let (bits, f16): (&[u16], bool) = match w {
+            DenseWeight::Bf16(w) => (w[a..b].reinterpret_cast(), false),
+            DenseWeight::F16(w) => (w[a..b].reinterpret_cast(), true),
+            DenseWeight::F32(_) => (&[], false),
+        };
+        if !bits.is_empty() {
+            macro_rules! rows {
+                ($f16:expr, $r:expr) => {{
+                    let xr: [&[f32]; $r] = std::array::from_fn(|j| xs[j]);
+                    // SAFETY: `isa` passed `Isa::check` (avx2+fma+f16c detected); `bits` holds
+                    // the row's `in_features` values.
+                    let got = unsafe { super::avx2::dot_16bit_rows::<$f16, $r>(bits.as_ptr(), xr, bits.len()) };
+                    out[..$r].copy_from_slice(&got);
+                }};
+            }
+            match (f16, xs.len()) {
+                (false, 1) => rows!(false, 1),
+                (false, 2) => rows!(false, 2),
+                (false, 3) => rows!(false, 3),
+                (false, _) => rows!(false, 4),
+                (true, 1) => rows!(true, 1),
+                (true, 2) => rows!(true, 2),
+                (true, 3) => rows!(true, 3),
+                (true, _) => rows!(true, 4),
+            }
+            return out;
+        }
+    }
+    for (o, xr) in out.iter_mut().zip(xs) {
+        *o = match w {
+            DenseWeight::F32(w) => dot_f32(isa, &w[a..b], xr),
+            DenseWeight::F16(w) => dot_f16(isa, &w[a..b], xr),
+            DenseWeight::Bf16(w) => dot_bf16(isa, &w[a..b], xr),
+        };
+    }
+    out
 }
 
 fn dot_f32(isa: Isa, w: &[f32], x: &[f32]) -> f32 {

@@ -16,7 +16,7 @@ use half::{bf16, f16};
 use nibble_core::{Error, Result};
 use rayon::prelude::*;
 
-use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, min_macs_per_pool_task, Isa, MIN_MACS_PER_TASK};
+use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
 use crate::functional::{check_blocksize, tables, QuantType};
 
 /// A floating-point precision a dequantized weight passes through.
@@ -319,38 +319,27 @@ fn gemv_avx512(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
             r0 += r;
         }
     };
-    let min_macs = if rows == 1 { min_macs_per_matvec_task() } else { min_macs_per_pool_task() };
-    let per_task = chunk_len(n_out, min_macs.div_ceil(n_in * rows));
+    // Every row count on the kernel team (the caller's thread and its helper): a decode step's
+    // products are small, and handing them to rayon left the team's helper spinning beside
+    // rayon's threads on the same cores.
+    let per_task = chunk_len(n_out, min_macs_per_matvec_task().div_ceil(n_in * rows));
     if rows == 1 {
         for_each_chunk_mut(y, per_task, |t, yc| run(t * per_task, yc.len(), yc, 1));
         return;
     }
-    scatter_rows(y, rows, n_out, per_task, run);
+    // `[n_out, rows]`, each task's weight rows contiguous, then transposed.
+    let mut yt = vec![0.0f32; rows * n_out];
+    for_each_chunk_mut(&mut yt, per_task * rows, |t, yc| run(t * per_task, yc.len() / rows, yc, rows));
+    transpose_into(&yt, rows, n_out, y);
 }
 
-/// Runs `run(o0, n, out, rows)` for tasks of `per_task` weight rows on rayon, each into its own
-/// `[n, rows]` part, and scatters the parts into `y` (`[rows, n_out]`).
+/// `y` (`[rows, n_out]`) from `yt` (`[n_out, rows]`).
 #[cfg(target_arch = "x86_64")]
-fn scatter_rows<F>(y: &mut [f32], rows: usize, n_out: usize, per_task: usize, run: F)
-where
-    F: Fn(usize, usize, &mut [f32], usize) + Sync,
-{
-    let n_tasks = n_out.div_ceil(per_task);
-    let parts: Vec<Vec<f32>> = (0..n_tasks)
-        .into_par_iter()
-        .map(|t| {
-            let o0 = t * per_task;
-            let n = per_task.min(n_out - o0);
-            let mut out = vec![0.0f32; n * rows];
-            run(o0, n, &mut out, rows);
-            out
-        })
-        .collect();
-    for (t, part) in parts.iter().enumerate() {
-        let o0 = t * per_task;
-        for (i, vals) in part.chunks_exact(rows).enumerate() {
-            for (r, &v) in vals.iter().enumerate() {
-                y[r * n_out + o0 + i] = v;
+fn transpose_into(yt: &[f32], rows: usize, n_out: usize, y: &mut [f32]) {
+    for (o, ys) in yt.chunks_exact(rows).enumerate() {
+        for (r, &v) in ys.iter().enumerate() {
+            if let Some(d) = y.get_mut(r * n_out + o) {
+                *d = v;
             }
         }
     }
@@ -382,23 +371,25 @@ fn gemv_avx2(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
             }
         }
     };
-    // One row goes to the kernel team, several to rayon (below).
-    let min_macs = if rows == 1 { min_macs_per_matvec_task() } else { min_macs_per_pool_task() };
-    let per_task = chunk_len(n_out, min_macs.div_ceil(n_in * rows));
+    // On the kernel team, as the AVX-512 path.
+    let per_task = chunk_len(n_out, min_macs_per_matvec_task().div_ceil(n_in * rows));
     if rows == 1 {
         for_each_chunk_mut(y, per_task, |t, yc| one_row(&xp, t * per_task, yc));
         return;
     }
-    // Weight rows `o0 .. o0 + n` for every activation row, into `out` as `[n, rows]`.
-    scatter_rows(y, rows, n_out, per_task, |o0, n, out, _| {
+    // `[n_out, rows]`, each task's weight rows contiguous, then transposed.
+    let mut yt = vec![0.0f32; rows * n_out];
+    for_each_chunk_mut(&mut yt, per_task * rows, |t, out| {
+        let n = out.len() / rows;
         let mut part = vec![0.0f32; n];
         for (r, xr) in xp.chunks_exact(n_in).enumerate() {
-            one_row(xr, o0, &mut part);
+            one_row(xr, t * per_task, &mut part);
             for (i, &v) in part.iter().enumerate() {
                 out[i * rows + r] = v;
             }
         }
     });
+    transpose_into(&yt, rows, n_out, y);
 }
 
 /// One activation row: `y[o] = sum_k W[o, k] x[k]`, rows split across threads (the NEON kernel
