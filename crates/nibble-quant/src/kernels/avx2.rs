@@ -24,13 +24,7 @@ const ORDER16: [usize; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 
 
 /// Activations in the order the 4-bit kernel produces weights ([`ORDER16`] per 16 values).
 pub(super) fn permute_x(x: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        out.extend(ORDER16.iter().map(|&i| c[i]));
-    }
-    out.extend_from_slice(chunks.remainder());
-    out
+    super::permute_chunks(x, &ORDER16)
 }
 
 /// The order in which [`gemv_row64`] produces the 64 weights of a 32-byte chunk: high nibbles
@@ -52,20 +46,7 @@ const ORDER64: [usize; 64] = {
 /// Activations in the order [`gemv_row64`] produces weights ([`ORDER64`] per 64 values); `x`'s
 /// length is a multiple of 64 where that kernel is used (a shorter tail is copied as it is).
 pub(super) fn permute_x64(x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    let mut src = x.chunks_exact(64);
-    let mut dst = out.chunks_exact_mut(64);
-    // Fixed-size arrays and constant indices: no bounds checks, no per-value iterator steps (this
-    // runs for every product of a decode step).
-    for (c, o) in (&mut src).zip(&mut dst) {
-        if let (Ok(c), Ok(o)) = (<&[f32; 64]>::try_from(c), <&mut [f32; 64]>::try_from(o)) {
-            for (dst, &i) in o.iter_mut().zip(&ORDER64) {
-                *dst = c[i];
-            }
-        }
-    }
-    dst.into_remainder().copy_from_slice(src.remainder());
-    out
+    super::permute_chunks(x, &ORDER64)
 }
 
 /// Horizontal sum of 8 lanes.

@@ -32,18 +32,7 @@ pub(super) const ORDER16: [usize; 16] = [1, 9, 0, 8, 3, 11, 2, 10, 5, 13, 4, 12,
 /// Activations in the order the kernel produces weights ([`ORDER16`] per 16 values); `x`'s
 /// length is a multiple of 16 where the kernel is used (a shorter tail is copied as it is).
 pub(super) fn permute_x(x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    let mut src = x.chunks_exact(16);
-    let mut dst = out.chunks_exact_mut(16);
-    for (c, o) in (&mut src).zip(&mut dst) {
-        if let (Ok(c), Ok(o)) = (<&[f32; 16]>::try_from(c), <&mut [f32; 16]>::try_from(o)) {
-            for (d, &i) in o.iter_mut().zip(&ORDER16) {
-                *d = c[i];
-            }
-        }
-    }
-    dst.into_remainder().copy_from_slice(src.remainder());
-    out
+    super::permute_chunks(x, &ORDER16)
 }
 
 /// Whether the kernel applies to `w`: rows a multiple of 16 wide (block sizes are powers of two

@@ -175,7 +175,7 @@ fn dot_f16(isa: Isa, w: &[f16], x: &[f32]) -> f32 {
 }
 
 /// Portable dot product of a 16-bit row with f32 activations, eight partial sums.
-fn dot_widened<T: Copy>(w: &[T], x: &[f32], widen: impl Fn(T) -> f32) -> f32 {
+pub(super) fn dot_widened<T: Copy>(w: &[T], x: &[f32], widen: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let mut cw = w.chunks_exact(8);
     let mut cx = x.chunks_exact(8);

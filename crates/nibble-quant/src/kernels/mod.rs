@@ -206,6 +206,26 @@ fn neon_supported() -> bool {
     false
 }
 
+/// `x` reordered in chunks of `N`: chunk value `k` of the result is chunk value `order[k]` of `x`
+/// (the order in which a kernel produces decoded weights); a shorter tail is copied as it is.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn permute_chunks<const N: usize>(x: &[f32], order: &[usize; N]) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let mut src = x.chunks_exact(N);
+    let mut dst = out.chunks_exact_mut(N);
+    // Fixed-size arrays and indices below N: no bounds checks, no per-value iterator steps (this
+    // runs for every product of a decode step).
+    for (c, o) in (&mut src).zip(&mut dst) {
+        if let (Ok(c), Ok(o)) = (<&[f32; N]>::try_from(c), <&mut [f32; N]>::try_from(o)) {
+            for (d, &i) in o.iter_mut().zip(order) {
+                *d = c[i % N];
+            }
+        }
+    }
+    dst.into_remainder().copy_from_slice(src.remainder());
+    out
+}
+
 /// Rayon tasks should each get at least this many multiply-adds, so that scheduling stays a small
 /// fraction of the work even for the small matrices of a 100M-parameter model.
 pub(crate) const MIN_MACS_PER_TASK: usize = 64 * 1024;

@@ -3,6 +3,7 @@
 
 use half::{bf16, f16};
 
+use super::dense::dot_widened;
 use super::Isa;
 
 /// Values held in a model dtype: f32 values, or the bit patterns of bf16 or f16 ones.
@@ -82,20 +83,6 @@ impl<'a> Rows<'a> {
             Rows::F16(v) => y.iter_mut().zip(v).for_each(|(o, &w)| *o += a * f16::from_bits(w).to_f32()),
         }
     }
-}
-
-/// Portable dot product of 16-bit values with f32 ones, eight partial sums.
-fn dot_widened(w: &[u16], x: &[f32], widen: impl Fn(u16) -> f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut cw = w.chunks_exact(8);
-    let mut cx = x.chunks_exact(8);
-    for (a, b) in (&mut cw).zip(&mut cx) {
-        for l in 0..8 {
-            acc[l] += widen(a[l]) * b[l];
-        }
-    }
-    let tail: f32 = cw.remainder().iter().zip(cx.remainder()).map(|(&a, b)| widen(a) * b).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
