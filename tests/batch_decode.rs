@@ -55,34 +55,32 @@ fn load(dir: &str, quant: BitsAndBytesConfig, dtype: ModelDtype) -> Model {
     Model::load(&root().join(dir).display().to_string(), &LoadOptions { quant, dtype, ..LoadOptions::default() }).unwrap()
 }
 
-/// NF4 on Llama, Mistral (window) and Qwen2 (biases): a row's logits do not depend on the batch;
-/// bit for bit where the 4-bit kernel's arithmetic is per row (AVX-512, the portable kernel),
-/// within f32 rounding elsewhere (the AVX2 one-row kernel factors block scales).
+/// NF4 and dense on Llama, Mistral (window) and Qwen2 (biases): a row's logits do not depend on
+/// the batch, bit for bit, with whichever kernels this CPU runs (the AVX-512 4-bit kernel keeps a
+/// per-row order; the AVX2 and portable paths run each row through the one-row kernel; the dense
+/// kernel dots each row in the one-row order).
 #[test]
-fn nf4_rows_step_as_they_do_alone() {
-    let exact = matches!(Isa::detect(), Isa::Avx512 | Isa::Portable);
+fn nf4_and_dense_rows_step_as_they_do_alone() {
+    eprintln!("kernels: {:?}", Isa::detect());
     for dir in ["models/tiny-llama", "models/tiny-mistral", "models/tiny-qwen2"] {
         for dtype in [ModelDtype::F32, ModelDtype::Bf16] {
-            let (worst, same) = batched_vs_alone(&load(dir, BitsAndBytesConfig::nf4(), dtype));
-            eprintln!("{dir} {dtype:?}: largest logit difference {worst:e}");
-            if exact {
-                assert_eq!(worst, 0.0, "{dir} {dtype:?}");
-            } else {
-                assert!(worst < 1e-3, "{dir} {dtype:?}: {worst}");
+            for quant in [BitsAndBytesConfig::nf4(), BitsAndBytesConfig::none()] {
+                let (worst, same) = batched_vs_alone(&load(dir, quant.clone(), dtype));
+                assert_eq!(worst, 0.0, "{dir} {dtype:?} {quant:?}");
+                assert!(same, "{dir} {dtype:?} {quant:?}: greedy tokens differ batched");
             }
-            assert!(same, "{dir} {dtype:?}: greedy tokens differ batched");
         }
     }
 }
 
-/// Dense and int8 layers: the same tokens, logits within f32 rounding of the products.
+/// LLM.int8() is the exception: as in bitsandbytes, a product's outlier columns are those of any
+/// of its rows, so a sequence's int8 codes depend on the rows beside it. Same tokens here, logits
+/// within the int8 rounding.
 #[test]
-fn dense_and_int8_rows_step_as_they_do_alone() {
-    for quant in [BitsAndBytesConfig::none(), BitsAndBytesConfig::int8()] {
-        let (worst, same) = batched_vs_alone(&load("models/tiny-llama", quant.clone(), ModelDtype::F32));
-        assert!(worst < 1e-3, "{quant:?}: {worst}");
-        assert!(same, "{quant:?}: greedy tokens differ batched");
-    }
+fn int8_rows_step_close_to_alone() {
+    let (worst, same) = batched_vs_alone(&load("models/tiny-llama", BitsAndBytesConfig::int8(), ModelDtype::F32));
+    assert!(worst < 1e-2, "{worst}");
+    assert!(same, "greedy tokens differ batched");
 }
 
 /// Mismatched inputs are errors, not panics.

@@ -119,6 +119,13 @@ fn limits_are_errors() {
     let bad = Request { presence_penalty: 3.0, ..Request::new(vec![1], GenerateOptions::greedy(1)) };
     assert!(matches!(engine.submit(bad), Err(Error::InvalidArgument { ref name, .. }) if name == "presence_penalty"));
     assert!(matches!(engine.submit(Request::new(vec![1, 2], GenerateOptions::greedy(1))), Err(Error::QueueFull { .. })));
+    assert!(matches!(
+        engine.submit(Request::new(vec![1], GenerateOptions::greedy(0))),
+        Err(Error::InvalidArgument { ref name, .. }) if name == "max_new_tokens"
+    ));
+    let mut too_wide = EngineOptions::new(1, 64);
+    too_wide.max_batch = nibble::engine::MAX_BATCH + 1;
+    assert!(Engine::start(crate::model(), too_wide, None).is_err());
 }
 
 /// Shutting down with cancellation fails what runs with `Cancelled`; a dropped ticket frees its

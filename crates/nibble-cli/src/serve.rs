@@ -20,8 +20,8 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port, printed at start).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Most sequences decoded together.
-    #[arg(long, default_value_t = 8)]
+    /// Most sequences decoded together (1 to 16).
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
     pub max_batch: usize,
     /// Context planned for each sequence (prompt plus completion) [default: the model's, at
     /// most 4096].

@@ -289,9 +289,9 @@ async fn complete(state: &Shared, headers: &HeaderMap, body: Result<Bytes, Bytes
     let ticket = ready.engine.submit(req).map_err(|e| ApiError::from_engine(e, field))?;
     let meta = Meta { id: next_id(chat), created: now(), model: state.opts.model_name.clone(), chat };
     if stream {
-        return Ok(stream_response(ticket, meta, include_usage));
+        return Ok(stream_response(ticket, meta, include_usage, field));
     }
-    let done = collect(ticket).await?;
+    let done = collect(ticket, field).await?;
     Ok(Json(meta.whole(&done)).into_response())
 }
 
@@ -312,15 +312,15 @@ fn tokenize(model: &Model, input: &Input) -> nibble::Result<Vec<u32>> {
 }
 
 /// Waits for the completion (dropping the ticket, if the client goes, frees the sequence).
-async fn collect(mut t: Ticket) -> Result<Completion, ApiError> {
+async fn collect(mut t: Ticket, field: &str) -> Result<Completion, ApiError> {
     while let Some(e) = t.events.recv().await {
         match e {
             Event::Text(_) => {}
             Event::Done(c) => return Ok(c),
-            Event::Failed(e) => return Err(ApiError::from_engine(e, "prompt")),
+            Event::Failed(e) => return Err(ApiError::from_engine(e, field)),
         }
     }
-    Err(ApiError::from_engine(nibble::Error::Cancelled { reason: "the engine dropped the request".into() }, "prompt"))
+    Err(ApiError::from_engine(nibble::Error::Cancelled { reason: "the engine dropped the request".into() }, field))
 }
 
 /// What every answer of one request shares.
@@ -395,14 +395,19 @@ impl Meta {
 
 /// Server-sent events: a chunk per text piece, the finish, the usage when asked for, then
 /// `data: [DONE]`. An error after the stream started is sent as an error object.
-fn stream_response(mut t: Ticket, meta: Meta, include_usage: bool) -> Response {
+fn stream_response(mut t: Ticket, meta: Meta, include_usage: bool, field: &'static str) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
-    // Relays the engine's events; when the client goes, the send fails and the ticket is
-    // dropped, which frees the sequence at the engine's next step.
+    // Relays the engine's events; when the client goes (even while the request still waits in
+    // the queue), the ticket is dropped, which frees the sequence at the engine's next step.
     tokio::spawn(async move {
         let send = |v: Value| tx.send(Ok(SseEvent::default().data(v.to_string()))).is_ok();
         let mut first = true;
-        while let Some(e) = t.events.recv().await {
+        loop {
+            let e = tokio::select! {
+                e = t.events.recv() => e,
+                _ = tx.closed() => None,
+            };
+            let Some(e) = e else { break };
             let ok = match e {
                 Event::Text(s) => {
                     let c = meta.chunk(Some(&s), first, None);
@@ -421,7 +426,7 @@ fn stream_response(mut t: Ticket, meta: Meta, include_usage: bool) -> Response {
                     break;
                 }
                 Event::Failed(e) => {
-                    send(ApiError::from_engine(e, "prompt").body());
+                    send(ApiError::from_engine(e, field).body());
                     let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
                     break;
                 }

@@ -37,8 +37,9 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// The context: a prompt plus its `max_new_tokens` must fit in it.
     pub context: usize,
-    /// KV positions the running sequences may hold together (each counts its prompt plus its
-    /// `max_new_tokens`): what the planner sized the cache for, `max_batch * context`.
+    /// KV positions the running sequences (each its prompt plus its `max_new_tokens`) and the
+    /// kept caches may hold together: what the planner sized the cache for,
+    /// `max_batch * context`.
     pub kv_budget: usize,
     /// Prompt tokens prefilled per step.
     pub prefill_chunk: usize,
@@ -46,10 +47,15 @@ pub struct EngineOptions {
     pub reuse_slots: usize,
 }
 
+/// Most sequences one decode step runs: up to this many rows the matrix products keep each row's
+/// arithmetic independent of the batch (beyond it they switch to the blocked prefill kernels).
+pub const MAX_BATCH: usize = 16;
+
 impl EngineOptions {
-    /// `max_batch` sequences of up to `context` positions, a queue of 64, prefill chunks of 128.
+    /// `max_batch` (within 1..=[`MAX_BATCH`]) sequences of up to `context` positions, a queue of
+    /// 64, prefill chunks of 128.
     pub fn new(max_batch: usize, context: usize) -> Self {
-        let max_batch = max_batch.max(1);
+        let max_batch = max_batch.clamp(1, MAX_BATCH);
         Self {
             max_batch,
             max_queue: 64,
@@ -178,6 +184,9 @@ impl Engine {
         if opts.context == 0 || opts.kv_budget == 0 {
             return Err(Error::invalid_argument("context", "the engine needs a context and a KV budget of at least 1"));
         }
+        if !(1..=MAX_BATCH).contains(&opts.max_batch) {
+            return Err(Error::invalid_argument("max_batch", format!("{} must be in 1..={MAX_BATCH}", opts.max_batch)));
+        }
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let sched = Scheduler {
@@ -212,6 +221,9 @@ impl Engine {
         req.opts.validate()?;
         if req.prompt.is_empty() {
             return Err(Error::invalid_argument("prompt", "needs at least one token"));
+        }
+        if req.opts.max_new_tokens == 0 {
+            return Err(Error::invalid_argument("max_new_tokens", "must be at least 1"));
         }
         for (name, v) in [("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty)] {
             if !(-2.0..=2.0).contains(&v) {
@@ -364,6 +376,11 @@ impl Scheduler {
         while self.running.len() < self.opts.max_batch {
             let Some((req, _, _)) = self.waiting.front() else { break };
             let need = Self::reach(req);
+            // Kept caches count against the budget too; the oldest make room first.
+            let kept = |k: &VecDeque<Kept>| k.iter().map(|k| k.held.len()).sum::<usize>();
+            while !self.kept.is_empty() && used.saturating_add(need).saturating_add(kept(&self.kept)) > self.opts.kv_budget {
+                self.kept.pop_front();
+            }
             // The first request always fits (submit checked it against the context).
             if !self.running.is_empty() && used.saturating_add(need) > self.opts.kv_budget {
                 break;
@@ -468,9 +485,13 @@ impl Scheduler {
                 self.record_step(rows.len(), secs);
             }
             Err(e) => {
+                // A failure inside the model (not the request's doing): every row of the step
+                // gets it (the first the error itself).
                 let msg = e.to_string();
+                let mut first = Some(e);
                 for &i in &rows {
-                    Self::fail(&mut self.running[i], Error::Cancelled { reason: format!("the decode step failed: {msg}") });
+                    let err = first.take().unwrap_or_else(|| Error::Candle(candle_core::Error::Msg(msg.clone())));
+                    Self::fail(&mut self.running[i], err);
                 }
             }
         }
@@ -517,16 +538,16 @@ impl Scheduler {
             return Self::finish(s, text, FinishReason::Length);
         }
         // Hold back a piece that ends inside a multi-byte character or could begin a stop text.
-        let mut end = text.len();
+        let mut limit = text.len();
         if text.ends_with('\u{fffd}') {
-            end = end.saturating_sub('\u{fffd}'.len_utf8());
+            limit = limit.saturating_sub('\u{fffd}'.len_utf8());
         }
+        let settled = text.get(..limit).unwrap_or("");
+        let mut end = limit;
         for p in &s.req.stop {
-            for k in (1..p.len()).rev() {
-                if p.is_char_boundary(k) && text[..end].ends_with(&p[..k]) {
-                    end = end.min(text.len() - k);
-                    break;
-                }
+            // The longest proper prefix of `p` that the settled text ends with stays unsent.
+            if let Some(k) = (1..p.len()).rev().find(|&k| p.is_char_boundary(k) && settled.ends_with(&p[..k])) {
+                end = end.min(limit - k);
             }
         }
         if end > s.shown && text.is_char_boundary(end) && text.is_char_boundary(s.shown) {

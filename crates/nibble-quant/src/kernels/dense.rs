@@ -62,7 +62,7 @@ pub fn matmul_dense_with(
         return Err(Error::invalid_argument("x", format!("has {} values, which is not {rows} x {in_features}", x.len())));
     }
     let mut y = vec![0.0f32; rows * out_features];
-    if in_features == 0 {
+    if in_features == 0 || rows == 0 {
         return Ok(y);
     }
     let dot = |o: usize, xr: &[f32]| {

@@ -293,7 +293,7 @@ pub fn matmul_4bit_with(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize) ->
 }
 
 /// The AVX-512 matrix-vector path for `rows` activation rows ([`super::avx512::applies`]):
-/// weight rows split across threads (the kernel team for one row, rayon for several), each
+/// weight rows split across the kernel team's threads, each
 /// weight looked up once per four activation rows.
 #[cfg(target_arch = "x86_64")]
 fn gemv_avx512(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
