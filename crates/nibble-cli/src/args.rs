@@ -152,6 +152,10 @@ pub struct ModelArgs {
     /// Penalty on tokens already in the context; 1 = off.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
+
+    /// Generate exactly --max-tokens, past any eos token (to reproduce a benchmark row).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 fn parse_device_map(s: &str) -> Result<DeviceMap, nibble::Error> {
@@ -227,7 +231,7 @@ impl ModelArgs {
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
-            stop_at_eos: true,
+            stop_at_eos: !self.ignore_eos,
         };
         opts.validate()?;
         Ok(opts)

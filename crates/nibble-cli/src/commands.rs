@@ -115,3 +115,23 @@ fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
     writeln!(io::stdout(), "perplexity: {ppl:.4}").context("writing the output")?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--ignore-eos` turns the eos stop off; by default it is on.
+    #[test]
+    fn ignore_eos_turns_the_eos_stop_off() {
+        let stops = |extra: &[&str]| {
+            let mut argv = vec!["nibble", "generate", "--prompt", "x"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Generate(g)) => g.model.generate_options().map(|o| o.stop_at_eos).ok(),
+                _ => None,
+            }
+        };
+        assert_eq!(stops(&[]), Some(true));
+        assert_eq!(stops(&["--ignore-eos"]), Some(false));
+    }
+}

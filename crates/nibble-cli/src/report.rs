@@ -54,6 +54,16 @@ impl Stats {
         }
     }
 
+    /// Prefilled prompt tokens per second (to the first new token, which the prefill's logits
+    /// give).
+    pub fn prefill_tokens_per_sec(&self) -> f64 {
+        if self.prefill_secs > 0.0 {
+            self.prefilled_tokens as f64 / self.prefill_secs
+        } else {
+            0.0
+        }
+    }
+
     /// Prints the statistics and the model's resident weight size to stderr.
     pub fn print(&self, model: &Model) {
         let bytes = model.resident_weight_bytes();
@@ -61,9 +71,11 @@ impl Stats {
         if self.turns != 1 {
             eprintln!("turns answered:   {}", self.turns);
         }
+        // The figures `nibble-bench` reports, so that the CLI reproduces a row.
+        eprintln!("prompt tokens:    {}", self.prefilled_tokens + self.cached_tokens);
         eprintln!("generated tokens: {}", self.tokens);
+        eprintln!("prefill speed:    {:.2} tokens/s ({:.3} s)", self.prefill_tokens_per_sec(), self.prefill_secs);
         eprintln!("decode speed:     {:.2} tokens/s", self.decode_tokens_per_sec());
-        eprintln!("prefill:          {:.3} s", self.prefill_secs);
         if self.cached_tokens > 0 {
             eprintln!(
                 "prompt tokens:    {} prefilled, {} reused from earlier turns",

@@ -62,6 +62,23 @@ fn generate_greedy_exits_zero() {
     assert!(stderr.contains("bytes"), "no resident weight size in stderr: {stderr}");
 }
 
+/// With `--ignore-eos` (its effect on the options is tested in the crate) a run generates exactly
+/// `--max-tokens`, and the statistics carry the figures a benchmark row has (prompt tokens,
+/// prefill and decode speed).
+#[test]
+fn generate_reports_a_benchmark_row() {
+    let model = tiny_model();
+    let out = nibble(&[
+        "generate", "--model", &model, "--temperature", "0", "--max-tokens", "40", "--ignore-eos", "--prompt", "hello there",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("generated tokens: 40"), "not exactly 40 tokens: {stderr}");
+    for line in ["prompt tokens:", "prefill speed:", "decode speed:"] {
+        assert!(stderr.contains(line), "no `{line}` in stderr: {stderr}");
+    }
+}
+
 #[test]
 fn perplexity_unquantized_matches_reference() {
     assert_close(perplexity(&["--quant", "none"]), 734.894_653_320_312_5, "none");
