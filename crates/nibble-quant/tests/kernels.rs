@@ -279,6 +279,27 @@ fn avx512_4bit_rows_do_not_depend_on_the_batch() {
 }
 
 #[test]
+fn avx512_matrix_matrix_equals_avx2_bit_for_bit() {
+    // The AVX-512 micro-kernel sums each output over k in the AVX2 kernel's order.
+    if !Isa::Avx512.is_supported() {
+        eprintln!("no AVX-512 on this CPU; nothing to check");
+        return;
+    }
+    let mut rng = Rng(37);
+    let (n_out, n_in, rows) = (96, 576, 40);
+    let w = rng.vec(n_out * n_in, 0.3);
+    let q = quantize_as(&w, Precision::F32, 64, QuantType::Nf4, false);
+    let absmax = q.absmax.try_to_f32().unwrap();
+    let m = Matrix4bit::new(&q.packed, &absmax, n_out, n_in, 64, QuantType::Nf4, Rounding::NONE).unwrap();
+    let x = rng.vec(rows * n_in, 1.0);
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(
+        bits(matmul_4bit_with(Isa::Avx512, &m, &x, rows).unwrap()),
+        bits(matmul_4bit_with(Isa::Avx2, &m, &x, rows).unwrap())
+    );
+}
+
+#[test]
 fn fused_4bit_handles_special_scales() {
     // A NaN block and an all-zero block: the fused product sees what dequantize sees. The NaN
     // goes first in one matrix and last in the other, so rows of both kernels (per-block tables

@@ -1,4 +1,5 @@
-//! x86-64 AVX-512 kernels: the 4-bit matrix-vector product (decode and small batches).
+//! x86-64 AVX-512 kernels: the 4-bit matrix-vector product (decode and small batches) and the f32
+//! micro-kernel of the matrix-matrix product (prefill).
 //!
 //! Every function here is `unsafe` only because it is compiled with `#[target_feature]`: callers
 //! must have checked [`super::Isa::Avx512`] (run-time detection of avx512f on top of the AVX2
@@ -22,7 +23,7 @@
 
 use std::arch::x86_64::*;
 
-use super::four_bit::{Matrix4bit, Precision};
+use super::four_bit::{Matrix4bit, Precision, MR, NR};
 
 /// The weight each of the 16 lanes holds after [`indices`]: lane `2k` takes bits `4k..4k + 4` of
 /// the group's first four bytes, lane `2k + 1` the same bits of the last four; byte `j` holds
@@ -239,5 +240,48 @@ unsafe fn gemv_rows_impl<const R: usize, const WP: u8, const CP: u8>(
                 *o = _mm512_reduce_add_ps(s);
             }
         }
+    }
+}
+
+/// The f32 micro-kernel of the matrix-matrix product (see [`super::four_bit::tile`] for the
+/// operands): `M` rows x 16 outputs, one zmm accumulator per row, the activation broadcast into
+/// the FMA. The same sums in the same order as the AVX2 kernel (each output over `k` in turn),
+/// at half the instructions.
+///
+/// # Safety
+/// The CPU must support avx512f; `1 <= mr <= MR`, `a.len() >= (mr - 1) * lda + kc`,
+/// `b.len() >= kc * 16`, `c.len() >= (mr - 1) * ldc + 16`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn tile(mr: usize, kc: usize, a: &[f32], lda: usize, b: &[f32], c: &mut [f32], ldc: usize, first: bool) {
+    match mr {
+        1 => tile_m::<1>(kc, a, lda, b, c, ldc, first),
+        2 => tile_m::<2>(kc, a, lda, b, c, ldc, first),
+        3 => tile_m::<3>(kc, a, lda, b, c, ldc, first),
+        4 => tile_m::<4>(kc, a, lda, b, c, ldc, first),
+        5 => tile_m::<5>(kc, a, lda, b, c, ldc, first),
+        _ => tile_m::<MR>(kc, a, lda, b, c, ldc, first),
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_m<const M: usize>(kc: usize, a: &[f32], lda: usize, b: &[f32], c: &mut [f32], ldc: usize, first: bool) {
+    let mut acc = [_mm512_setzero_ps(); M];
+    let cp = c.as_mut_ptr();
+    if !first {
+        for (r, v) in acc.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(cp.add(r * ldc));
+        }
+    }
+    let ap = a.as_ptr();
+    let bp = b.as_ptr();
+    for k in 0..kc {
+        let bv = _mm512_loadu_ps(bp.add(k * NR));
+        for (r, v) in acc.iter_mut().enumerate() {
+            *v = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(r * lda + k)), bv, *v);
+        }
+    }
+    for (r, v) in acc.iter().enumerate() {
+        _mm512_storeu_ps(cp.add(r * ldc), *v);
     }
 }

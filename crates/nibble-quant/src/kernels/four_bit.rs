@@ -547,7 +547,10 @@ pub(crate) fn tile(isa: Isa, mr: usize, kc: usize, a: &[f32], lda: usize, b: &[f
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` passed `Isa::check` (avx2+fma detected); `fits` bounds every access.
-        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::tile(mr, kc, a, lda, b, c, ldc, first) },
+        Isa::Avx2 => unsafe { super::avx2::tile(mr, kc, a, lda, b, c, ldc, first) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` passed `Isa::check` (avx512f detected); `fits` bounds every access.
+        Isa::Avx512 => unsafe { super::avx512::tile(mr, kc, a, lda, b, c, ldc, first) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: `isa` passed `Isa::check` (NEON detected); `fits` bounds every access.
         Isa::Neon => unsafe { super::neon::tile(mr, kc, a, lda, b, c, ldc, first) },
