@@ -78,7 +78,7 @@ impl Stats {
         eprintln!("decode speed:     {:.2} tokens/s", self.decode_tokens_per_sec());
         if self.cached_tokens > 0 {
             eprintln!(
-                "prompt tokens:    {} prefilled, {} reused from earlier turns",
+                "prompt reuse:     {} prefilled, {} reused from earlier turns",
                 self.prefilled_tokens, self.cached_tokens
             );
         }
