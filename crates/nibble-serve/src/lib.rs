@@ -80,8 +80,7 @@ impl Server {
     /// Errors: the address cannot be bound.
     pub async fn bind(opts: ServeOptions) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await?;
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let state = Arc::new(AppState { ready: OnceLock::new(), opts, metrics: Arc::new(Metrics::default()), created });
+        let state = Arc::new(AppState { ready: OnceLock::new(), opts, metrics: Arc::new(Metrics::default()), created: now() });
         Ok(Self { state, listener })
     }
 

@@ -65,19 +65,11 @@ pub fn matmul_dense_with(
     if in_features == 0 || rows == 0 {
         return Ok(y);
     }
-    let dot = |o: usize, xr: &[f32]| {
-        let (a, b) = (o * in_features, (o + 1) * in_features);
-        match w {
-            DenseWeight::F32(w) => dot_f32(isa, &w[a..b], xr),
-            DenseWeight::F16(w) => dot_f16(isa, &w[a..b], xr),
-            DenseWeight::Bf16(w) => dot_bf16(isa, &w[a..b], xr),
-        }
-    };
     let per_task = chunk_len(out_features, min_macs_per_matvec_task().div_ceil(in_features * rows));
     if rows == 1 {
         for_each_chunk_mut(&mut y, per_task, |t, yc| {
             for (i, yo) in yc.iter_mut().enumerate() {
-                *yo = dot(t * per_task + i, x);
+                *yo = dots(isa, w, t * per_task + i, in_features, &[x])[0];
             }
         });
         return Ok(y);
@@ -141,11 +133,12 @@ fn dots(isa: Isa, w: DenseWeight<'_>, o: usize, in_features: usize, xs: &[&[f32]
             return out;
         }
     }
+    // f32 weights, or no SIMD kernel for 16-bit ones.
     for (o, xr) in out.iter_mut().zip(xs) {
         *o = match w {
             DenseWeight::F32(w) => dot_f32(isa, &w[a..b], xr),
-            DenseWeight::F16(w) => dot_f16(isa, &w[a..b], xr),
-            DenseWeight::Bf16(w) => dot_bf16(isa, &w[a..b], xr),
+            DenseWeight::F16(w) => dot_widened(&w[a..b], xr, f16::to_f32),
+            DenseWeight::Bf16(w) => dot_widened(&w[a..b], xr, bf16::to_f32),
         };
     }
     out
@@ -153,25 +146,6 @@ fn dots(isa: Isa, w: DenseWeight<'_>, o: usize, in_features: usize, xs: &[&[f32]
 
 fn dot_f32(isa: Isa, w: &[f32], x: &[f32]) -> f32 {
     super::four_bit::dot(isa, w, x)
-}
-
-fn dot_bf16(isa: Isa, w: &[bf16], x: &[f32]) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` passed `Isa::check` (avx2+fma+f16c detected); the kernel reads within
-        // both slices.
-        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::dot_16bit::<false>(w.as_ptr().cast(), x, w.len()) },
-        _ => dot_widened(w, x, bf16::to_f32),
-    }
-}
-
-fn dot_f16(isa: Isa, w: &[f16], x: &[f32]) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot_bf16`.
-        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::dot_16bit::<true>(w.as_ptr().cast(), x, w.len()) },
-        _ => dot_widened(w, x, f16::to_f32),
-    }
 }
 
 /// Portable dot product of a 16-bit row with f32 activations, eight partial sums.
