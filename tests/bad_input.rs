@@ -106,6 +106,32 @@ fn unsupported_rope_scaling() {
     assert!(matches!(load(dir.path()), Err(Error::UnsupportedConfig { .. })));
 }
 
+/// Sizes from config.json are bounded where they are read (#15): a layer count of 2^62 crashed
+/// `plan` and `perplexity` with a capacity overflow; now each huge field is `InvalidConfig`
+/// naming the file and the field, for the loader and for the planner's config read.
+#[test]
+fn huge_config_sizes_are_typed_errors() {
+    for field in ["num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "max_position_embeddings", "head_dim"] {
+        for value in [4_611_686_018_427_387_904u64, u64::MAX, 1 << 40] {
+            let dir = copy_model(&tiny_model());
+            let p = dir.path().join("config.json");
+            let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            cfg[field] = serde_json::json!(value);
+            std::fs::write(&p, cfg.to_string()).unwrap();
+            let check = |err: Error| match err {
+                Error::InvalidConfig { path, field: f, reason } => {
+                    assert_eq!(path, p);
+                    assert_eq!(f, field);
+                    assert!(reason.contains("bound"), "{reason}");
+                }
+                other => panic!("{field} = {value}: {other}"),
+            };
+            check(load(dir.path()).unwrap_err());
+            check(nibble::ModelConfig::from_file(&p).unwrap_err());
+        }
+    }
+}
+
 fn bnb_copy() -> tempfile::TempDir {
     copy_model(&fixture("tiny-llama-bnb-nf4").display().to_string())
 }

@@ -107,6 +107,43 @@ fn truncated_gguf_is_refused() {
     assert!(msg.contains("truncated: tensor"), "{msg}");
 }
 
+/// Header values that crashed candle's reader or the loader (#15): each a typed error naming
+/// the file and the field, before anything is allocated from it.
+#[test]
+fn hostile_header_values_are_typed_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_model();
+    let alignment = |v: candle_core::quantized::gguf_file::Value| {
+        common::gguf::gguf_with(Path::new(&dir), "llama", "gpt2", vec![("general.alignment".into(), v)])
+    };
+    use candle_core::quantized::gguf_file::Value;
+    for (name, bytes) in [("zero", alignment(Value::U32(0))), ("odd", alignment(Value::U32(24))), ("signed", alignment(Value::I32(-32)))] {
+        let p = write(tmp.path(), &format!("align-{name}.gguf"), &bytes);
+        let err = load(&p).unwrap_err();
+        assert!(matches!(err, Error::CorruptGguf { .. }), "{name}: {err}");
+        assert!(err.to_string().contains("general.alignment") && err.to_string().contains(".gguf"), "{err}");
+    }
+    for (key, value) in [
+        ("llama.block_count", u32::MAX),
+        ("llama.embedding_length", u32::MAX),
+        ("llama.feed_forward_length", 1 << 31),
+        ("llama.context_length", u32::MAX),
+    ] {
+        let mut bytes = tiny_gguf("llama", "gpt2");
+        common::gguf::patch_u32(&mut bytes, key, value);
+        let p = write(tmp.path(), "big.gguf", &bytes);
+        match load(&p).unwrap_err() {
+            Error::InvalidConfig { path, field, reason } => {
+                assert_eq!(path, p);
+                assert_eq!(field, key);
+                assert!(reason.contains("bound"), "{reason}");
+            }
+            other => panic!("{key}: {other}"),
+        }
+        assert!(nibble::import_gguf(&p, &tmp.path().join("out")).is_err());
+    }
+}
+
 #[test]
 fn not_a_gguf_is_refused() {
     let tmp = tempfile::tempdir().unwrap();

@@ -119,3 +119,34 @@ fn int8_logits_match_bitsandbytes() {
     eprintln!("int8 stepwise logits: max abs diff {d}");
     assert!(d < 1e-4, "stepwise: max abs diff {d} >= 1e-4");
 }
+
+/// The context the KV cache is planned for bounds every use (#15): a prompt that does not fit is
+/// `ContextLengthExceeded`, generation stops when the context is full, perplexity over more
+/// tokens than the context is refused, and `max_seq_len` plans a longer one.
+#[test]
+fn the_planned_context_bounds_prompts_and_generation() {
+    let tiny = tiny_model();
+    let load = |max_seq_len: Option<usize>| {
+        let opts = nibble::LoadOptions { max_seq_len, device_map: DeviceMap::Cpu, ..Default::default() };
+        nibble::Model::load(&tiny, &opts).unwrap()
+    };
+    let model = load(None);
+    // tiny-llama's max_position_embeddings is 256.
+    assert_eq!(model.context_len(), 256);
+    let long: Vec<u32> = (0..300).map(|i| 3 + i % 100).collect();
+    let mut opts = GenerateOptions::greedy(4);
+    opts.stop_at_eos = false;
+    match model.generate(&long, &opts, |_| {}) {
+        Err(nibble::Error::ContextLengthExceeded { prompt_tokens: 300, max_new_tokens: 4, context: 256 }) => {}
+        other => panic!("{other:?}"),
+    }
+    let g = model.generate(&long[..250], &GenerateOptions { max_new_tokens: 20, ..opts.clone() }, |_| {}).unwrap();
+    assert_eq!((g.tokens.len(), g.stop), (6, nibble::StopReason::ContextFull));
+    assert!(matches!(model.perplexity_of_ids(&long), Err(nibble::Error::ContextLengthExceeded { context: 256, .. })));
+    assert!(model.perplexity_of_ids(&long[..256]).is_ok());
+    // A longer planned context takes the whole prompt (past the trained length, with a warning).
+    let model = load(Some(400));
+    assert_eq!(model.context_len(), 400);
+    let g = model.generate(&long, &opts, |_| {}).unwrap();
+    assert_eq!((g.tokens.len(), g.stop), (4, nibble::StopReason::MaxTokens));
+}

@@ -75,6 +75,11 @@ pub fn bf16_weights(dir: &Path) -> Vec<(String, Tensor)> {
 /// A GGUF of the model folder `dir` (its config.json, tokenizer.json and weights), written with
 /// `general.architecture` = `arch` and `tokenizer.ggml.pre` = `pre`.
 pub fn gguf_of(dir: &Path, arch: &str, pre: &str) -> Vec<u8> {
+    gguf_with(dir, arch, pre, Vec::new())
+}
+
+/// [`gguf_of`] with `extra` metadata entries appended.
+pub fn gguf_with(dir: &Path, arch: &str, pre: &str, extra: Vec<(String, Value)>) -> Vec<u8> {
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let tok: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
@@ -122,6 +127,7 @@ pub fn gguf_of(dir: &Path, arch: &str, pre: &str) -> Vec<u8> {
         metadata.push((key("attention.key_length"), Value::U32(hd as u32)));
         metadata.push((key("attention.value_length"), Value::U32(hd as u32)));
     }
+    metadata.extend(extra);
     let permuted = arch == "llama";
     let tensors: Vec<(String, QTensor)> = bf16_weights(dir)
         .into_iter()
@@ -141,4 +147,11 @@ pub fn gguf_of(dir: &Path, arch: &str, pre: &str) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());
     gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
     out.into_inner()
+}
+
+/// Overwrites the u32 value of metadata key `key` in GGUF `bytes` (the key must be stored as u32).
+pub fn patch_u32(bytes: &mut [u8], key: &str, value: u32) {
+    let at = bytes.windows(key.len()).position(|w| w == key.as_bytes()).unwrap() + key.len();
+    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "{key} is not a u32");
+    bytes[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
 }

@@ -129,6 +129,11 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto", value_parser = parse_device_map)]
     pub device_map: DeviceMap,
 
+    /// Context the KV cache is planned for, prompt plus new tokens [default: the model's
+    /// max_position_embeddings, at most 4096]; a longer prompt is refused.
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+
     /// Most new tokens to generate (for `perplexity`: tokens of the file to score).
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
@@ -217,6 +222,7 @@ impl ModelArgs {
             quant: self.quant_config(),
             dtype: self.quant.dtype.into(),
             device_map: self.device_map.clone(),
+            max_seq_len: self.max_seq_len,
             progress: true,
             ..LoadOptions::default()
         }

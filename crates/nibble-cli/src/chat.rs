@@ -100,12 +100,13 @@ impl<'m> Chat<'m> {
         Ok(Ok(generation))
     }
 
-    /// Past the trained context the model's answers degrade; say so once instead of silently.
+    /// A reply cut short by a full context is said so once instead of silently (the next turn
+    /// would not fit at all).
     fn warn_if_past_context(&mut self, g: &Generation) {
-        let limit = self.model.config().max_position_embeddings;
-        if !self.warned_context && g.prompt_tokens + g.tokens.len() >= limit {
+        let limit = self.model.context_len();
+        if !self.warned_context && g.stop == nibble::StopReason::ContextFull {
             self.warned_context = true;
-            eprintln!("note: the conversation is past the model's {limit}-token context; /reset starts over");
+            eprintln!("note: the conversation filled the {limit}-token context (--max-seq-len); /reset starts over");
         }
     }
 

@@ -23,10 +23,6 @@ pub struct ServeArgs {
     /// Most sequences decoded together (1 to 16).
     #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
     pub max_batch: usize,
-    /// Context planned for each sequence (prompt plus completion) [default: the model's, at
-    /// most 4096].
-    #[arg(long)]
-    pub max_seq_len: Option<usize>,
     /// A key every request must send as `Authorization: Bearer <key>` (also read from
     /// NIBBLE_API_KEY).
     #[arg(long, env = "NIBBLE_API_KEY", hide_env_values = true)]
@@ -49,10 +45,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     // The planner sizes the KV cache for `max_batch` sequences of the context, which is then the
     // engine's budget (0: the planner's default, resolved from the model once loaded).
     let mut load = args.model.load_options();
-    load.max_seq_len = args.max_seq_len;
     load.batch = args.max_batch.max(1);
     load.progress = false;
-    let mut engine = EngineOptions::new(args.max_batch, args.max_seq_len.unwrap_or(0));
+    let mut engine = EngineOptions::new(args.max_batch, args.model.max_seq_len.unwrap_or(0));
     engine.max_queue = args.queue;
     // A local folder or file is named by its last component (as clients would write it), a hub
     // id by itself.

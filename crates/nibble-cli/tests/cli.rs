@@ -150,3 +150,42 @@ fn unknown_quant_is_rejected_by_the_parser() {
     assert_eq!(out.status.code(), Some(2), "clap exits 2 on usage errors");
     assert!(text(&out.stderr).contains("int4"));
 }
+
+/// #15: a 3,000-word prompt on a model whose context is 256 tokens is an error naming the
+/// context in every command that takes a prompt or text, never a silent run past it; a config
+/// with a layer count of 2^62 is a typed error, not a panic.
+#[test]
+fn prompts_past_the_context_and_huge_configs_are_errors() {
+    let model = tiny_model();
+    let words = vec!["word"; 3000].join(" ");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("long.txt");
+    std::fs::write(&file, &words).unwrap();
+    let file = file.to_string_lossy().into_owned();
+    for args in [
+        vec!["generate", "--model", &model, "--prompt", &words],
+        vec!["chat", "--model", &model, "--prompt", &words],
+        vec!["perplexity", "--model", &model, "--file", &file, "--max-tokens", "1000"],
+    ] {
+        let out = nibble(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", args[0]);
+        assert!(stderr.contains("beyond the context of 256 tokens"), "{}: {stderr}", args[0]);
+    }
+    let cfg_dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(PathBuf::from(&model).join(f), cfg_dir.path().join(f)).unwrap();
+    }
+    let cfg_path = cfg_dir.path().join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    cfg["num_hidden_layers"] = serde_json::json!(4_611_686_018_427_387_904u64);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let hostile = cfg_dir.path().to_string_lossy().into_owned();
+    for args in [vec!["plan", &hostile], vec!["perplexity", "--model", &hostile, "--file", &file]] {
+        let out = nibble(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", args[0]);
+        assert!(stderr.contains("num_hidden_layers") && !stderr.contains("panicked"), "{}: {stderr}", args[0]);
+    }
+}

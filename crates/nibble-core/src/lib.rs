@@ -340,7 +340,8 @@ pub enum Error {
     /// A prompt plus the tokens asked for does not fit the context the model was planned for.
     #[error(
         "the prompt has {prompt_tokens} tokens and {max_new_tokens} more were asked for: {} in all, \
-         beyond the context of {context} tokens; shorten the prompt or lower max_tokens",
+         beyond the context of {context} tokens the KV cache is planned for; shorten the prompt, \
+         lower max_tokens or plan a longer context (max_seq_len, up to max_position_embeddings)",
         prompt_tokens.saturating_add(*max_new_tokens)
     )]
     ContextLengthExceeded {

@@ -27,9 +27,6 @@ use nibble_core::{Error, Result};
 use crate::arch;
 use crate::config::{ModelConfig, RopeScaling};
 
-/// The GGUF magic, `GGUF` in file order.
-const MAGIC: &[u8; 4] = b"GGUF";
-
 /// The Hugging Face name of a GGUF tensor name of the architecture `desc`, or `None` when the
 /// tensor has no counterpart in the Hugging Face model.
 pub fn hf_tensor_name(desc: &arch::Description, gguf_name: &str) -> Option<String> {
@@ -125,14 +122,7 @@ impl GgufFile {
         // SAFETY: the map is read-only; a file changed under a running process is outside what
         // any loader can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let head = mmap.get(..4).unwrap_or_default();
-        if head != MAGIC {
-            return Err(corrupt(format!(
-                "not a GGUF file: it starts with {head:02x?} instead of the magic \"GGUF\""
-            )));
-        }
-        let content = Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(|e| corrupt(format!("the header does not parse (truncated or damaged?): {e}")))?;
+        let content = crate::gguf_header::read(&mmap).map_err(corrupt)?;
 
         let arch = match content.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
@@ -240,11 +230,14 @@ impl GgufFile {
         n.map(Some).ok_or_else(|| invalid(&self.path, key, format!("{v:?} is not a non-negative integer")))
     }
 
-    /// A required positive integer metadata value that fits `usize`.
+    /// A required positive integer metadata value within its bound ([`crate::limits`]).
     fn req_usize(&self, key: &str) -> Result<usize> {
         let n = self
             .meta_u64(key)?
             .ok_or_else(|| invalid(&self.path, key, "missing; a llama GGUF needs it"))?;
+        if let Some(field) = crate::limits::hf_field_of_gguf_key(key) {
+            crate::limits::check(field, n).map_err(|r| invalid(&self.path, key, r))?;
+        }
         let n = usize::try_from(n).map_err(|_| invalid(&self.path, key, format!("{n} is too large")))?;
         if n == 0 {
             return Err(invalid(&self.path, key, "must be at least 1"));
@@ -374,6 +367,7 @@ impl GgufFile {
         if vocab_size == 0 {
             return Err(invalid(p, "tokenizer.ggml.tokens", "is empty"));
         }
+        crate::limits::check("vocab_size", vocab_size as u64).map_err(|r| invalid(p, "tokenizer.ggml.tokens", r))?;
         let token_id = |key: &str| -> Result<Option<u32>> {
             match self.meta_u64(key)? {
                 None => Ok(None),

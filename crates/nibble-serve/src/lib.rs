@@ -111,7 +111,7 @@ impl Server {
                     let mut eo = loader.opts.engine.clone();
                     if eo.context == 0 {
                         // The planner's default context (what it sized the cache for).
-                        eo.context = model.config().max_position_embeddings.clamp(1, 4096);
+                        eo.context = model.context_len();
                         eo.kv_budget = eo.max_batch.saturating_mul(eo.context);
                     }
                     let model = Arc::new(model);

@@ -92,6 +92,9 @@ pub enum StopReason {
     Eos(u32),
     /// `max_new_tokens` were produced.
     MaxTokens,
+    /// The prompt and the new tokens filled the context the model was planned for
+    /// ([`crate::Model::context_len`]).
+    ContextFull,
 }
 
 /// The outcome of a generation.

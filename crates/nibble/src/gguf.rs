@@ -89,6 +89,7 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant) -> Result<
         eos_ids,
         quant,
         source: Source::Gguf(path.to_path_buf()),
+        context: crate::model::context_len(&cfg, opts),
     })
 }
 

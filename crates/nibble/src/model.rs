@@ -61,6 +61,22 @@ pub struct Model {
     pub(crate) quant: BitsAndBytesConfig,
     /// Where it was loaded from: `save_pretrained` takes the config and tokenizer files from there.
     pub(crate) source: Source,
+    /// Positions the KV cache was planned for ([`Model::context_len`]).
+    pub(crate) context: usize,
+}
+
+/// The context a load plans for (`max_seq_len`, by default min(max_position_embeddings, 4096)),
+/// with transformers' warning when it reaches past what the model was trained on.
+pub(crate) fn context_len(cfg: &ModelConfig, opts: &LoadOptions) -> usize {
+    let n = opts.plan_request(cfg).max_seq_len;
+    if n > cfg.max_position_embeddings {
+        tracing::warn!(
+            "max_seq_len {n} is past the model's max_position_embeddings = {}: its outputs degrade beyond that \
+             (transformers only warns too)",
+            cfg.max_position_embeddings
+        );
+    }
+    n
 }
 
 /// The quantization actually applied: a pre-quantized checkpoint's own config wins over the
@@ -204,7 +220,15 @@ impl Model {
         let llama = build_llama(&cfg, &quant, placement, dtype, opts, &name, started, |progress| {
             CheckpointProvider { weights: &weights, quant: &quant, dtype, compute, progress }
         })?;
-        Ok(Self { llama, tokenizer, generation, eos_ids, quant, source: Source::Folder(files) })
+        let context = context_len(&cfg, opts);
+        Ok(Self { llama, tokenizer, generation, eos_ids, quant, source: Source::Folder(files), context })
+    }
+
+    /// Positions the KV cache was planned for (`LoadOptions::max_seq_len`, by default
+    /// min(max_position_embeddings, 4096)): a prompt must be shorter, and generation stops when
+    /// the prompt and the new tokens fill it ([`StopReason::ContextFull`]).
+    pub fn context_len(&self) -> usize {
+        self.context
     }
 
     /// The model's configuration.
@@ -346,6 +370,23 @@ impl Model {
         if prompt.is_empty() {
             return Err(Error::invalid_argument("prompt", "needs at least one token"));
         }
+        if prompt.len() >= self.context {
+            return Err(Error::ContextLengthExceeded {
+                prompt_tokens: prompt.len(),
+                max_new_tokens: opts.max_new_tokens,
+                context: self.context,
+            });
+        }
+        // Without the cap, generation would run past the positions the cache was planned for.
+        let max_new = opts.max_new_tokens.min(self.context - prompt.len());
+        if max_new < opts.max_new_tokens {
+            tracing::warn!(
+                "the prompt has {} tokens: at most {max_new} of the {} new tokens asked for fit the {}-token context",
+                prompt.len(),
+                opts.max_new_tokens,
+                self.context
+            );
+        }
         // At least one prompt token is fed, for the logits of the first new token.
         let shared = session.ids.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         let cached = if session.cache.truncate(shared)? { shared } else { 0 };
@@ -362,7 +403,7 @@ impl Model {
         let mut first_token_at = None;
         let mut stop = StopReason::MaxTokens;
         let mut input = prompt[cached..].to_vec();
-        while tokens.len() < opts.max_new_tokens {
+        while tokens.len() < max_new {
             let logits = self.forward_chunked(&input, cache, true)?.flatten_all()?;
             session.ids.extend_from_slice(&input);
             let logits = if opts.repetition_penalty != 1.0 {
@@ -387,6 +428,9 @@ impl Model {
                 }
             }
             input = vec![next];
+        }
+        if stop == StopReason::MaxTokens && tokens.len() < opts.max_new_tokens {
+            stop = StopReason::ContextFull;
         }
         let first = first_token_at.unwrap_or_else(Instant::now);
         let text = match &self.tokenizer {
@@ -444,6 +488,9 @@ impl Model {
     pub fn perplexity_of_ids(&self, ids: &[u32]) -> Result<f64> {
         if ids.len() < 2 {
             return Err(Error::invalid_argument("text", "perplexity needs at least two tokens"));
+        }
+        if ids.len() > self.context {
+            return Err(Error::ContextLengthExceeded { prompt_tokens: ids.len(), max_new_tokens: 0, context: self.context });
         }
         let logits = self.logits(ids)?;
         let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, 1)?;

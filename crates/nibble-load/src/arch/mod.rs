@@ -228,10 +228,11 @@ impl Fields<'_> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    /// A required integer of at least 1.
+    /// A required integer of at least 1 (and at most its bound, [`crate::limits`]).
     pub fn req_usize(&self, key: &str) -> Result<usize> {
         let v = self.get(key).ok_or_else(|| self.invalid(key, "missing; the model needs it"))?;
         let n = v.as_u64().ok_or_else(|| self.invalid(key, format!("{v} is not a non-negative integer")))?;
+        let n = crate::limits::check(key, n).map_err(|r| self.invalid(key, r))?;
         let n = usize::try_from(n).map_err(|_| self.invalid(key, format!("{n} is too large")))?;
         if n == 0 {
             return Err(self.invalid(key, "must be at least 1"));
