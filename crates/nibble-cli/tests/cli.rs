@@ -189,3 +189,54 @@ fn prompts_past_the_context_and_huge_configs_are_errors() {
         assert!(stderr.contains("num_hidden_layers") && !stderr.contains("panicked"), "{}: {stderr}", args[0]);
     }
 }
+
+/// Runs `args` (with `--out <out>` appended) once to time it, then again killed with SIGKILL at
+/// a spread of moments through that time: after each kill, `out` either does not exist or holds
+/// a model that loads (#15: nothing half-written).
+fn killed_runs_leave_no_half_folder(args: &[&str], what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let full = dir.path().join("full");
+    let started = std::time::Instant::now();
+    assert!(run(&full).wait().unwrap().success(), "{what}: the unkilled run failed");
+    let took = started.elapsed();
+    nibble::Model::load(full.to_str().unwrap(), &nibble::LoadOptions::default()).unwrap();
+    let mut whole = 0;
+    for i in 0..12u32 {
+        let out = dir.path().join(format!("killed-{i}"));
+        let mut child = run(&out);
+        std::thread::sleep(took * i / 10);
+        let _ = child.kill();
+        let _ = child.wait();
+        if out.exists() {
+            whole += 1;
+            if let Err(e) = nibble::Model::load(out.to_str().unwrap(), &nibble::LoadOptions::default()) {
+                panic!("{what} killed after {:?} left {} that does not load: {e}", took * i / 10, out.display());
+            }
+        }
+    }
+    // The last kills come after the run ends; the first ones before anything is written.
+    assert!(whole < 12, "{what}: no kill landed before the end ({took:?} per run)");
+}
+
+#[test]
+fn killed_quantize_and_import_leave_no_half_written_folder() {
+    let tiny = tiny_model();
+    killed_runs_leave_no_half_folder(&["quantize", "--model", &tiny, "--quant", "nf4"], "quantize tiny");
+    let gguf = workspace().join("models/smollm2-135m-instruct.Q4_1.gguf");
+    if gguf.exists() {
+        killed_runs_leave_no_half_folder(&["import-gguf", gguf.to_str().unwrap()], "import-gguf SmolLM2");
+    } else {
+        eprintln!("skipped import-gguf: {} is missing (models/fetch-smollm2.sh)", gguf.display());
+    }
+}

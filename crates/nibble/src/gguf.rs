@@ -9,7 +9,7 @@
 //! logits, bit for bit, with any `BitsAndBytesConfig`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -18,6 +18,8 @@ use nibble_core::{Error, Result};
 use nibble_llama::{LinearShape, WeightProvider};
 use nibble_load::{GenerationConfig, GgufFile, GgufTokenizer, ModelConfig};
 use nibble_quant::{BitsAndBytesConfig, QuantLinear};
+
+use crate::staged::StagedDir;
 use safetensors::tensor::Dtype;
 use serde_json::{Map, Value};
 
@@ -139,21 +141,6 @@ pub(crate) fn write_side_files(source: &Path, dir: &Path) -> Result<()> {
     write_tokenizer_files(&GgufTokenizer::from_gguf(&gguf)?, source, dir)
 }
 
-/// Removes a half-written folder unless the write completed.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            // Best effort: the error being returned matters more than a failed cleanup.
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Writes a Hugging Face folder at `out_dir` from the GGUF file `file`: `config.json`
 /// (the architecture's class, `torch_dtype` bfloat16), `model.safetensors` (every weight dequantized,
 /// Q and K un-permuted, rounded to bf16 to nearest even), `tokenizer.json`,
@@ -171,41 +158,9 @@ pub fn import_gguf(file: impl AsRef<Path>, out_dir: impl AsRef<Path>) -> Result<
     let tok = GgufTokenizer::from_gguf(&gguf)?;
     tok.build(file)?;
 
-    let replace_empty = match std::fs::read_dir(out_dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(Error::invalid_argument(
-                    "out_dir",
-                    format!("{} already exists and is not empty; remove it or choose another folder", out_dir.display()),
-                ));
-            }
-            true
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) if out_dir.exists() => {
-            return Err(Error::invalid_argument(
-                "out_dir",
-                format!("{} exists and is not a readable folder: {e}", out_dir.display()),
-            ))
-        }
-        Err(e) => return Err(Error::io(out_dir, e)),
-    };
-    let name = out_dir
-        .file_name()
-        .ok_or_else(|| Error::invalid_argument("out_dir", format!("{} does not name a folder", out_dir.display())))?;
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp_path = parent.join(format!(".{}.import-{}.tmp", name.to_string_lossy(), std::process::id()));
-    if tmp_path.exists() {
-        std::fs::remove_dir_all(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
-    }
-    std::fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
-    let mut tmp = TempDir { path: tmp_path, keep: false };
+    let tmp = StagedDir::new(out_dir, "import")?;
 
-    let config = tmp.path.join("config.json");
+    let config = tmp.path().join("config.json");
     write_json(&config, &hf_config(&cfg, "bfloat16"))?;
 
     let mut tensors: Vec<(String, Owned)> = Vec::new();
@@ -214,7 +169,7 @@ pub fn import_gguf(file: impl AsRef<Path>, out_dir: impl AsRef<Path>) -> Result<
         let data = t.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
         tensors.push((name, Owned { dtype: Dtype::BF16, shape, data }));
     }
-    let weights = tmp.path.join("model.safetensors");
+    let weights = tmp.path().join("model.safetensors");
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata, &weights)
         .map_err(|e| Error::CorruptCheckpoint { path: weights.clone(), reason: format!("could not write: {e}") })?;
@@ -223,13 +178,9 @@ pub fn import_gguf(file: impl AsRef<Path>, out_dir: impl AsRef<Path>) -> Result<
     // permissions as the folder's other files, so whoever can read the config can read the model.
     let perms = std::fs::metadata(&config).map_err(|e| Error::io(&config, e))?.permissions();
     std::fs::set_permissions(&weights, perms).map_err(|e| Error::io(&weights, e))?;
-    write_tokenizer_files(&tok, file, &tmp.path)?;
+    write_tokenizer_files(&tok, file, tmp.path())?;
 
-    if replace_empty {
-        std::fs::remove_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    }
-    std::fs::rename(&tmp.path, out_dir).map_err(|e| Error::io(out_dir, e))?;
-    tmp.keep = true;
+    tmp.commit()?;
     tracing::info!("imported {} to {}", file.display(), out_dir.display());
     Ok(())
 }

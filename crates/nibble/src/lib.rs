@@ -25,6 +25,7 @@ mod prequant;
 mod provider;
 mod save;
 mod source;
+mod staged;
 
 use candle_core::Device;
 

@@ -16,6 +16,7 @@ use safetensors::tensor::{Dtype, View};
 use serde_json::Value;
 
 use crate::source::Source;
+use crate::staged::StagedDir;
 use crate::Model;
 
 /// One tensor to write: stored dtype, shape and little-endian bytes.
@@ -112,9 +113,17 @@ fn four_bit(name: &str, q: &Packed4bit, weight_dtype: DType, shape: [usize; 2], 
 impl Model {
     /// Writes the model to `dir` in the bitsandbytes checkpoint layout: `model.safetensors`,
     /// `config.json` with `quantization_config`, and the tokenizer and generation files copied.
+    ///
+    /// `dir` must not exist or be empty. The folder is written under a temporary name next to
+    /// it and renamed when complete, so a process killed halfway leaves no folder that loads.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let staged = StagedDir::new(dir.as_ref(), "save")?;
+        self.write_folder(staged.path())?;
+        staged.commit()
+    }
+
+    /// Writes the checkpoint's files into the folder `dir`.
+    fn write_folder(&self, dir: &Path) -> Result<()> {
         let llama = self.llama();
         let cfg = llama.config();
         let mut tensors: Vec<(String, Owned)> = Vec::new();
@@ -143,13 +152,16 @@ impl Model {
             }
         }
         let target = dir.join("model.safetensors");
-        let tmp = dir.join("model.safetensors.tmp");
         let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
-        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata, &tmp)
-            .map_err(|e| Error::CorruptCheckpoint { path: tmp.clone(), reason: format!("could not write: {e}") })?;
-        std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata, &target)
+            .map_err(|e| Error::CorruptCheckpoint { path: target.clone(), reason: format!("could not write: {e}") })?;
 
         self.write_config(dir, &tensors)?;
+        // The safetensors crate writes through a private (0600) temp file; give the weights the
+        // config's permissions, so whoever can read the config can read the model.
+        let config = dir.join("config.json");
+        let perms = std::fs::metadata(&config).map_err(|e| Error::io(&config, e))?.permissions();
+        std::fs::set_permissions(&target, perms).map_err(|e| Error::io(&target, e))?;
         let files = match self.source() {
             Source::Folder(files) => files,
             // A GGUF file has no tokenizer files to copy: write them as import_gguf does.
