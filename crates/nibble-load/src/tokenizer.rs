@@ -23,6 +23,32 @@ impl ChatMessage {
     }
 }
 
+/// Instructions one render may execute: a template comes from a file anyone can write, and
+/// `{% for a in range(99999) %}{% for b in range(99999) %}` would otherwise run for hours.
+/// Real templates take a few hundred per message (see the tokenizer tests), so this allows
+/// conversations of thousands of messages and stops a runaway template in about a second.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Bytes one render may produce: far beyond any context, small enough to never exhaust memory.
+pub const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len().saturating_add(buf.len()) > TEMPLATE_MAX_OUTPUT {
+            return Err(std::io::Error::other(format!("the output passed {TEMPLATE_MAX_OUTPUT} bytes")));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A model's chat template, rendered with minijinja and Python-compatible string methods.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -40,6 +66,8 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         // HF templates call Python string methods (`.strip()`, `.startswith()`...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // minijinja's own recursion limit (500) stays; loops are bounded by fuel.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
@@ -57,13 +85,18 @@ impl ChatTemplate {
         eos_token: &str,
     ) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| Error::ChatTemplate { reason: e.to_string() })?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => bos_token,
-            eos_token => eos_token,
-        })
-        .map_err(|e| Error::ChatTemplate { reason: format!("rendering failed: {e}") })
+        let mut out = Capped(Vec::new());
+        tmpl.render_to_write(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            },
+            &mut out,
+        )
+        .map_err(|e| Error::ChatTemplate { reason: format!("rendering failed: {e}") })?;
+        String::from_utf8(out.0).map_err(|e| Error::ChatTemplate { reason: format!("the output is not UTF-8: {e}") })
     }
 }
 
@@ -222,5 +255,38 @@ mod tests {
         let tmpl = ChatTemplate::new(source.to_string()).unwrap();
         let messages = [ChatMessage::new("user", "a"), ChatMessage::new("x", "b"), ChatMessage::new("user", "c")];
         assert_eq!(tmpl.render(&messages, false, "", "").unwrap(), "U:a\nU:c\n");
+    }
+
+    /// Hostile templates end in an error, quickly: a loop of 10^10 steps (fuel), unbounded
+    /// macro recursion (minijinja's limit), an output of gigabytes (the output cap).
+    #[test]
+    fn runaway_templates_end_in_an_error() {
+        let messages = [ChatMessage::new("user", "hi")];
+        for source in [
+            "{% for a in range(99999) %}{% for b in range(99999) %}{{ a }}{% endfor %}{% endfor %}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "{% for a in range(99999) %}{{ 'x' * 99999999 }}{% endfor %}",
+        ] {
+            let started = std::time::Instant::now();
+            let tmpl = ChatTemplate::new(source.to_string()).unwrap();
+            let err = tmpl.render(&messages, true, "", "").unwrap_err();
+            assert!(matches!(err, Error::ChatTemplate { .. }), "{source}: {err}");
+            assert!(started.elapsed().as_secs() < 20, "{source} took {:?}", started.elapsed());
+        }
+    }
+
+    /// The fuel is far above what real templates need: each tiny model's template (Llama,
+    /// Mistral, Qwen2, Phi-3) renders a conversation of 2,000 messages.
+    #[test]
+    fn real_templates_render_long_conversations_within_the_fuel() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let messages: Vec<ChatMessage> = (0..2000)
+            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, format!("message {i}")))
+            .collect();
+        for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-phi3"] {
+            let source = std::fs::read_to_string(models.join(name).join("chat_template.jinja")).unwrap();
+            let out = ChatTemplate::new(source).unwrap().render(&messages, true, "<s>", "</s>").unwrap();
+            assert!(out.contains("message 1999"), "{name}");
+        }
     }
 }
