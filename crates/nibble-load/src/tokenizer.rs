@@ -86,7 +86,7 @@ impl ChatTemplate {
     ) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| Error::ChatTemplate { reason: e.to_string() })?;
         let mut out = Capped(Vec::new());
-        tmpl.render_to_write(
+        tmpl.render_captured_to(
             minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,

@@ -13,6 +13,7 @@ pub mod config;
 pub mod functional;
 pub mod kernels;
 pub mod linear;
+pub mod quant_state;
 
 pub use config::{BitsAndBytesConfig, ComputeDtype, ModelDtype, QuantMethod};
 pub use functional::QuantType;

@@ -9,9 +9,9 @@ use candle_core::{DType, Device};
 use nibble_core::{Error, Result};
 use nibble_load::{RawTensor, Weights};
 use nibble_quant::functional::{self, Absmax, DoubleQuant, Packed4bit, QuantType};
+use nibble_quant::quant_state::QuantState;
 use nibble_quant::{Linear4bit, Linear8bit};
 use safetensors::Dtype;
-use serde_json::Value;
 
 /// The pre-quantized form a checkpoint stores a linear layer in, if any.
 pub(crate) enum Stored {
@@ -50,22 +50,6 @@ fn f32_values(raw: &RawTensor<'_>, name: &str) -> Result<Vec<f32>> {
     Ok(raw.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
-fn parse_dtype(s: &str, tensor: &str) -> Result<DType> {
-    match s.trim_start_matches("torch.") {
-        "float32" => Ok(DType::F32),
-        "float16" => Ok(DType::F16),
-        "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::quant_state(tensor, format!("quant_state dtype {other:?} is not float32, float16 or bfloat16"))),
-    }
-}
-
-fn json_usize(v: &Value, key: &str, tensor: &str) -> Result<usize> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| Error::quant_state(tensor, format!("quant_state has no integer `{key}`")))
-}
-
 /// Reads a 4-bit layer stored by bitsandbytes.
 pub(crate) fn load_4bit(
     weights: &Weights,
@@ -77,31 +61,20 @@ pub(crate) fn load_4bit(
     device: &Device,
 ) -> Result<Linear4bit> {
     let state_raw = weights.raw(state_name)?;
-    let state: Value = serde_json::from_slice(state_raw.data)
-        .map_err(|e| Error::quant_state(state_name, format!("quant_state is not valid JSON: {e}")))?;
-    match state.get("quant_type").and_then(Value::as_str) {
-        Some("nf4") if qt == QuantType::Nf4 => {}
-        Some("fp4") if qt == QuantType::Fp4 => {}
-        other => {
-            return Err(Error::quant_state(
-                state_name,
-                format!("quant_type {other:?} does not match the tensor name (nf4 or fp4 expected)"),
-            ))
-        }
+    let state = QuantState::parse(state_raw.data, state_name)?;
+    if state.quant_type != qt {
+        return Err(Error::quant_state(
+            state_name,
+            format!("quant_type {:?} does not match the tensor name ({qt:?})", state.quant_type),
+        ));
     }
-    let blocksize = json_usize(&state, "blocksize", state_name)?;
-    let dtype = parse_dtype(state.get("dtype").and_then(Value::as_str).unwrap_or(""), state_name)?;
-    let shape: Vec<usize> = state
-        .get("shape")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|x| x.as_u64().and_then(|n| usize::try_from(n).ok())).collect())
-        .unwrap_or_default();
-    if shape != [out_f, in_f] {
+    let (blocksize, dtype) = (state.blocksize, state.dtype);
+    if state.shape != [out_f, in_f] {
         return Err(Error::ShapeMismatch {
             path: state_raw.path.to_path_buf(),
             tensor: weight.to_string(),
             expected: vec![out_f, in_f],
-            found: shape,
+            found: state.shape,
         });
     }
     let numel = out_f * in_f;
@@ -135,14 +108,15 @@ pub(crate) fn load_4bit(
             return Err(Error::quant_state(&nmap_name, "expected bitsandbytes' 8-bit dynamic code book"));
         }
         let offset = state
-            .get("nested_offset")
-            .and_then(Value::as_f64)
+            .nested_offset
             .ok_or_else(|| Error::quant_state(state_name, "double-quantized state has no `nested_offset`"))?;
         Absmax::Double(DoubleQuant {
             codes: absmax_raw.data.to_vec(),
-            offset: offset as f32,
+            offset,
             nested_absmax: f32_values(&weights.raw(&nested_name)?, &nested_name)?,
-            nested_blocksize: json_usize(&state, "nested_blocksize", state_name)?,
+            nested_blocksize: state
+                .nested_blocksize
+                .ok_or_else(|| Error::quant_state(state_name, "double-quantized state has no `nested_blocksize`"))?,
         })
     } else {
         Absmax::F32(f32_values(&absmax_raw, &absmax_name)?)
