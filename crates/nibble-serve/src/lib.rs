@@ -9,7 +9,7 @@
 
 mod error;
 mod metrics;
-mod request;
+pub mod request;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

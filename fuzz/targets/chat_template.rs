@@ -1,0 +1,21 @@
+//! Chat-template compiling and rendering: the input is the template; it renders a short
+//! conversation with and without the generation prompt. Fuel and the output cap must end every
+//! runaway template in an error.
+
+use nibble_load::tokenizer::ChatTemplate;
+use nibble_load::ChatMessage;
+
+fn main() {
+    let messages = [
+        ChatMessage::new("system", "You are helpful."),
+        ChatMessage::new("user", "Hi {{ there }}"),
+        ChatMessage::new("assistant", "Hello!"),
+        ChatMessage::new("user", "Bye"),
+    ];
+    afl::fuzz!(|data: &[u8]| {
+        let Ok(source) = std::str::from_utf8(data) else { return };
+        let Ok(t) = ChatTemplate::new(source.to_string()) else { return };
+        let _ = t.render(&messages, true, "<s>", "</s>");
+        let _ = t.render(&messages[..1], false, "", "");
+    });
+}
