@@ -6,7 +6,9 @@
 //!
 //! - at most `max_connections` connections are served at once (a semaphore permit each); one
 //!   beyond gets a canned 503 (OpenAI's error object, `too_many_connections`) written without
-//!   waiting, and is closed;
+//!   waiting, and is closed (after up to `REFUSAL_LINGER` of reading what it sent, so that
+//!   closing does not reset the connection before the client reads the 503; at most
+//!   `REFUSING` such closes at once, beyond which a connection is closed at once);
 //! - a request's headers must arrive within `header_read_timeout` of the connection being ready
 //!   for them (also what closes an idle keep-alive connection), else hyper closes it;
 //! - a write that makes no progress for `write_timeout` fails the connection, which drops the
@@ -31,6 +33,13 @@ use tokio::time::{Instant, Sleep};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
+/// How long a refused connection is read from (and discarded) before it is closed.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+/// Most refused connections lingering at once.
+const REFUSING: usize = 64;
+/// Most bytes read from a refused connection.
+const REFUSAL_READ: usize = 64 * 1024;
+
 /// The socket settings of every connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -50,7 +59,8 @@ where
     let max = limits.max_connections.clamp(1, u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(max));
     let (stopping_tx, stopping_rx) = watch::channel(false);
-    let refusal = refusal_bytes(max);
+    let refusal: Arc<[u8]> = refusal_bytes(max).into();
+    let refusing = Arc::new(Semaphore::new(REFUSING));
     tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
@@ -72,6 +82,9 @@ where
             // never waited for.
             let _ = stream.try_write(&refusal);
             metrics.connection_refused();
+            if let Ok(p) = refusing.clone().try_acquire_owned() {
+                tokio::spawn(linger(stream, p));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -109,6 +122,29 @@ where
     let _ = stopping_tx.send(true);
     // Every connection holds a permit until it ends.
     let _ = slots.acquire_many(max as u32).await;
+}
+
+/// Ends a refused connection: no more writes, then what the client sends is read and dropped
+/// (for at most `REFUSAL_LINGER` and [`REFUSAL_READ`] bytes) so that the close is not a reset
+/// that could discard the 503 before the client reads it.
+async fn linger(stream: TcpStream, _permit: tokio::sync::OwnedSemaphorePermit) {
+    let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while total < REFUSAL_READ {
+            if stream.readable().await.is_err() {
+                break;
+            }
+            match stream.try_read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
 }
 
 /// The whole HTTP answer a connection beyond the limit gets.
