@@ -41,7 +41,17 @@ impl Running {
             model_name: "tiny".into(),
             max_body,
             engine,
+            ..ServeOptions::default()
         };
+        Self::start_with(opts, load)
+    }
+
+    /// Starts a server with `opts` (its port should be 0) over the model `load` makes, and waits
+    /// until `/health` is 200.
+    pub fn start_with<L>(opts: ServeOptions, load: L) -> Running
+    where
+        L: FnOnce() -> nibble::Result<Model> + Send + 'static,
+    {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -65,6 +75,17 @@ impl Running {
             std::thread::sleep(Duration::from_millis(20));
         }
         r
+    }
+
+    /// A handle on a server that runs elsewhere (another process) at `addr`; dropping it stops
+    /// nothing.
+    pub fn attach(addr: SocketAddr) -> Running {
+        Running { addr, stop: None, thread: None }
+    }
+
+    /// Whether the server's thread is still running (it has neither returned nor panicked).
+    pub fn alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Whether `GET /health` answers 200.

@@ -1,5 +1,7 @@
 //! `nibble serve`: the OpenAI-compatible server (see `docs/serving.md`).
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Args;
 use nibble::EngineOptions;
@@ -36,6 +38,33 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body: usize,
+    /// Most connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = nibble_serve::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers (and may sit idle between
+    /// requests) before it is closed.
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    pub header_read_timeout: Duration,
+    /// Seconds a request may take to send its body before it is answered 408.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    pub body_read_timeout: Duration,
+    /// Seconds a write may wait on a client that does not read before its connection is dropped
+    /// and its request cancelled.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    pub write_timeout: Duration,
+    /// Each connection's socket send buffer in bytes (SO_SNDBUF) [default: the system's
+    /// autotuning].
+    #[arg(long)]
+    pub send_buffer: Option<usize>,
+}
+
+/// A positive, finite number of seconds (fractions allowed).
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(format!("`{s}` must be more than 0 and at most 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 /// Plans and loads the model once (the server answers `/health` with 503 meanwhile), then serves
@@ -58,7 +87,19 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             _ => source.clone(),
         }
     });
-    let opts = ServeOptions { host: args.host.clone(), port: args.port, api_key: args.api_key.clone(), model_name: name, max_body: args.max_body, engine };
+    let opts = ServeOptions {
+        host: args.host.clone(),
+        port: args.port,
+        api_key: args.api_key.clone(),
+        model_name: name,
+        max_body: args.max_body,
+        engine,
+        max_connections: args.max_connections,
+        header_read_timeout: args.header_read_timeout,
+        body_read_timeout: args.body_read_timeout,
+        write_timeout: args.write_timeout,
+        send_buffer: args.send_buffer,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         let server = Server::bind(opts.clone()).await.with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;

@@ -6,7 +6,14 @@
 //! `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
 //! Errors are OpenAI's error object with the matching status; a request that is malformed never
 //! reaches the engine.
+//!
+//! Under abuse (see `docs/reliability-serve.md`): at most [`ServeOptions::max_connections`]
+//! connections are served, one beyond gets a 503 at once; headers must arrive within
+//! [`ServeOptions::header_read_timeout`] and a body within [`ServeOptions::body_read_timeout`];
+//! a write that waits [`ServeOptions::write_timeout`] (a client that stopped reading) drops the
+//! connection and cancels its request; a full queue is a 429 at once.
 
+mod conn;
 mod error;
 mod metrics;
 pub mod request;
@@ -17,8 +24,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +34,7 @@ use nibble::engine::{EngineOptions, Ticket};
 use nibble::{Completion, Engine, Event, Model, Request};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
@@ -50,7 +56,56 @@ pub struct ServeOptions {
     /// Engine settings (batch, queue, context; a context of 0 is the planner's default for the
     /// model, `min(max_position_embeddings, 4096)`).
     pub engine: EngineOptions,
+    /// Most connections served at once; one beyond is answered 503 (`too_many_connections`) and
+    /// closed without being read.
+    pub max_connections: usize,
+    /// How long a connection may take to send a request's headers (counted from when it is
+    /// ready for them, so also how long a keep-alive connection may sit idle) before it is
+    /// closed.
+    pub header_read_timeout: Duration,
+    /// How long a request may take to send its body before it is answered 408.
+    pub body_read_timeout: Duration,
+    /// How long a write may wait for the client to take bytes before the connection is dropped
+    /// (and its request cancelled): what frees a stream whose client stopped reading.
+    pub write_timeout: Duration,
+    /// Each connection's socket send buffer (`SO_SNDBUF`), bytes; `None` leaves the system's
+    /// autotuning. A small buffer bounds the kernel memory a stalled reader holds and makes it
+    /// found sooner.
+    pub send_buffer: Option<usize>,
 }
+
+/// The default of [`ServeOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// The default of [`ServeOptions::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of [`ServeOptions::body_read_timeout`].
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default of [`ServeOptions::write_timeout`].
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for ServeOptions {
+    /// `127.0.0.1:8080`, no key, model `model`, 4 MiB bodies, batch 8 with a queue of 64 and the
+    /// planner's context, and the default limits above.
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key: None,
+            model_name: "model".into(),
+            max_body: 4 * 1024 * 1024,
+            engine: EngineOptions::new(8, 0),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            send_buffer: None,
+        }
+    }
+}
+
+/// Events buffered between a stream's relay and its HTTP body: when the client stops reading,
+/// the relay waits here rather than piling up text.
+const STREAM_BUFFER: usize = 16;
 
 /// The loaded model and its engine.
 struct Ready {
@@ -91,8 +146,9 @@ impl Server {
 
     /// Serves until `shutdown` resolves, loading the model with `load` (on a blocking thread)
     /// meanwhile; then stops accepting, lets running requests finish, and stops the engine.
+    /// A failed `accept` (out of file descriptors, say) is logged and the loop goes on.
     ///
-    /// Errors: loading failed, or the listener failed.
+    /// Errors: loading failed.
     pub async fn run<L, S>(self, load: L, shutdown: S) -> Result<(), nibble::Error>
     where
         L: FnOnce() -> nibble::Result<Model> + Send + 'static,
@@ -139,11 +195,17 @@ impl Server {
                 _ = failed.notified() => {}
             }
         };
-        let served = axum::serve(self.listener, app).with_graceful_shutdown(stop).await;
+        let o = &state.opts;
+        let limits = conn::Limits {
+            max_connections: o.max_connections,
+            header_read_timeout: o.header_read_timeout,
+            write_timeout: o.write_timeout,
+            send_buffer: o.send_buffer,
+        };
+        conn::serve(self.listener, app, limits, state.metrics.clone(), stop).await;
         if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }
-        served.map_err(|e| nibble::Error::io("listener", e))?;
         // Graceful: every connection has finished; the engine has nothing left to run.
         if let Some(state) = Arc::into_inner(state) {
             if let Some(r) = state.ready.into_inner() {
@@ -247,24 +309,40 @@ async fn not_found(State(state): State<Shared>) -> Response {
     counted(&state, "other", e.into_response())
 }
 
-async fn chat(State(state): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let r = complete(&state, &headers, body, true).await.unwrap_or_else(IntoResponse::into_response);
+async fn chat(State(state): State<Shared>, req: axum::extract::Request) -> Response {
+    let r = complete(&state, req, true).await.unwrap_or_else(IntoResponse::into_response);
     counted(&state, "/v1/chat/completions", r)
 }
 
-async fn completions(State(state): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let r = complete(&state, &headers, body, false).await.unwrap_or_else(IntoResponse::into_response);
+async fn completions(State(state): State<Shared>, req: axum::extract::Request) -> Response {
+    let r = complete(&state, req, false).await.unwrap_or_else(IntoResponse::into_response);
     counted(&state, "/v1/completions", r)
 }
 
+/// The body, within the size limit and [`ServeOptions::body_read_timeout`].
+async fn read_body(state: &AppState, req: axum::extract::Request) -> Result<Bytes, ApiError> {
+    let limit = state.opts.body_read_timeout;
+    match tokio::time::timeout(limit, Bytes::from_request(req, &())).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            let status = e.status();
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
+            Err(ApiError { status, message: e.body_text(), kind: "invalid_request_error", param: None, code: Some(code) })
+        }
+        Err(_) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {} s", limit.as_secs_f64()),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        }),
+    }
+}
+
 /// Both completion endpoints: validate, tokenize, submit, then answer whole or as a stream.
-async fn complete(state: &Shared, headers: &HeaderMap, body: Result<Bytes, BytesRejection>, chat: bool) -> Result<Response, ApiError> {
-    authorize(state, headers)?;
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
-        ApiError { status, message: e.body_text(), kind: "invalid_request_error", param: None, code: Some(code) }
-    })?;
+async fn complete(state: &Shared, req: axum::extract::Request, chat: bool) -> Result<Response, ApiError> {
+    authorize(state, req.headers())?;
+    let body = read_body(state, req).await?;
     let parsed = request::parse(&body, chat)?;
     if let Some(m) = &parsed.model {
         if m != &state.opts.model_name {
@@ -395,11 +473,13 @@ impl Meta {
 /// Server-sent events: a chunk per text piece, the finish, the usage when asked for, then
 /// `data: [DONE]`. An error after the stream started is sent as an error object.
 fn stream_response(mut t: Ticket, meta: Meta, include_usage: bool, field: &'static str) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(STREAM_BUFFER);
     // Relays the engine's events; when the client goes (even while the request still waits in
-    // the queue), the ticket is dropped, which frees the sequence at the engine's next step.
+    // the queue, or when its connection is dropped for not reading), the ticket is dropped,
+    // which frees the sequence at the engine's next step.
     tokio::spawn(async move {
-        let send = |v: Value| tx.send(Ok(SseEvent::default().data(v.to_string()))).is_ok();
+        let tx = &tx;
+        let send = |v: Value| async move { tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() };
         let mut first = true;
         loop {
             let e = tokio::select! {
@@ -411,22 +491,22 @@ fn stream_response(mut t: Ticket, meta: Meta, include_usage: bool, field: &'stat
                 Event::Text(s) => {
                     let c = meta.chunk(Some(&s), first, None);
                     first = false;
-                    send(c)
+                    send(c).await
                 }
                 Event::Done(c) => {
                     if first && meta.chat {
-                        send(meta.chunk(Some(""), true, None));
+                        send(meta.chunk(Some(""), true, None)).await;
                     }
-                    send(meta.chunk(None, false, Some(c.finish.as_str())));
+                    send(meta.chunk(None, false, Some(c.finish.as_str()))).await;
                     if include_usage {
-                        send(meta.usage_chunk(&c));
+                        send(meta.usage_chunk(&c)).await;
                     }
-                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
                     break;
                 }
                 Event::Failed(e) => {
-                    send(ApiError::from_engine(e, field).body());
-                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+                    send(ApiError::from_engine(e, field).body()).await;
+                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
                     break;
                 }
             };
@@ -435,7 +515,7 @@ fn stream_response(mut t: Ticket, meta: Meta, include_usage: bool, field: &'stat
             }
         }
     });
-    Sse::new(UnboundedReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
 fn now() -> u64 {

@@ -23,6 +23,8 @@ pub struct Metrics {
     batch: Histogram,
     ttft: Histogram,
     decode_tps: Gauge<f64, AtomicU64>,
+    connections: Gauge,
+    refused: Counter,
 }
 
 impl Default for Metrics {
@@ -37,6 +39,8 @@ impl Default for Metrics {
         let batch = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0]);
         let ttft = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
         let decode_tps = Gauge::<f64, AtomicU64>::default();
+        let connections = Gauge::default();
+        let refused = Counter::default();
         registry.register("requests", "HTTP requests by endpoint and status", requests.clone());
         registry.register("prompt_tokens", "Prompt tokens of finished requests", prompt_tokens.clone());
         registry.register("cached_prompt_tokens", "Prompt tokens reused from cached prefixes", cached_tokens.clone());
@@ -46,7 +50,9 @@ impl Default for Metrics {
         registry.register("batch_size", "Sequences per decode step", batch.clone());
         registry.register("time_to_first_token_seconds", "Seconds from a request's arrival to its first token", ttft.clone());
         registry.register("decode_tokens_per_second", "Tokens per second of the last decode step (all sequences)", decode_tps.clone());
-        Self { registry, requests, prompt_tokens, cached_tokens, completion_tokens, queue, running, batch, ttft, decode_tps }
+        registry.register("open_connections", "Connections being served", connections.clone());
+        registry.register("refused_connections", "Connections refused (503) for being beyond the limit", refused.clone());
+        Self { registry, requests, prompt_tokens, cached_tokens, completion_tokens, queue, running, batch, ttft, decode_tps, connections, refused }
     }
 }
 
@@ -55,6 +61,21 @@ impl Metrics {
     pub fn request(&self, endpoint: &str, status: u16) {
         let labels = vec![("endpoint".to_string(), endpoint.to_string()), ("status".to_string(), status.to_string())];
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// A connection is being served.
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    /// A served connection ended.
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    /// A connection beyond the limit was refused.
+    pub fn connection_refused(&self) {
+        self.refused.inc();
     }
 
     /// The text exposition, with the gauges read from `stats` now.
