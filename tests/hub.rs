@@ -953,8 +953,9 @@ fn a_server_that_stops_sending_hits_the_read_timeout_and_the_retry_resumes() {
     assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
     assert_eq!(cdn_ranges(&hub.log()), vec![None, Some("bytes=1000000-".to_string())]);
     let cdn: Vec<Instant> = hub.log().iter().filter(|s| s.path.starts_with("/cdn/")).map(|s| s.at).collect();
+    // The read timeout, not the 5 s connect/response timeout of `config`, ended the attempt.
     let gap = cdn[1] - cdn[0];
-    assert!(gap >= Duration::from_millis(300) && gap < Duration::from_secs(10), "retried after {gap:?}");
+    assert!(gap >= Duration::from_millis(300) && gap < Duration::from_millis(2500), "retried after {gap:?}");
     assert_blob_complete(&hub, cache.path(), "model.safetensors");
 }
 

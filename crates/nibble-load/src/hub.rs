@@ -122,11 +122,11 @@ pub struct HubConfig {
     pub offline: bool,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
-    /// Connect timeout, and the longest wait for a response's headers.
+    /// Connect timeout, and the longest time to receive a response's headers.
     pub timeout: Duration,
-    /// The longest wait for more bytes of a response (`HF_HUB_DOWNLOAD_TIMEOUT`, default 10 s as
-    /// in Python's `huggingface_hub`): a server that keeps the connection open but stops sending
-    /// fails the attempt after this long, and the download is resumed by the next one.
+    /// The longest wait for any read of a response, headers or body (`HF_HUB_DOWNLOAD_TIMEOUT`,
+    /// default 10 s as in Python's `huggingface_hub`): a server that keeps the connection open
+    /// but stops sending fails the attempt after this long, and the retry resumes the download.
     pub read_timeout: Duration,
     /// Show a download progress bar (drawn only when stderr is a terminal).
     pub progress: bool,
