@@ -3,8 +3,12 @@
 //! Each test starts its own mock on 127.0.0.1 (ephemeral port) in a thread. It speaks the parts
 //! of the Hub protocol nibble relies on: `/{repo}/resolve/{revision}/{file}` with `X-Repo-Commit`,
 //! `ETag`, `X-Error-Code`; safetensors files as LFS files (a 302 to a "CDN" path with
-//! `X-Linked-Etag` and `X-Linked-Size`); `Content-Length`; `Range` requests. Faults are injected
-//! through its shared state: statuses for the next requests, a required token, cut bodies.
+//! `X-Linked-Etag`, their sha256, and `X-Linked-Size`); `Content-Length`; `Range` requests.
+//! Faults are injected through its shared state: statuses (and headers) for the next requests, a
+//! required token, cut, stalled, slow or corrupted bodies, redirect loops.
+//!
+//! Some faults need a process of their own (a file-size limit, SIGINT): those tests run this test
+//! binary again as a child, on `child_process_entry` (see `child`), against the mock in the parent.
 //!
 //! Every test passes an explicit `HubConfig` (its own cache folder, the mock's endpoint), so tests
 //! running in parallel never depend on process-global environment variables; only the
@@ -18,9 +22,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use common::{max_abs_diff, reference, reference_ids, root};
 use nibble::{BitsAndBytesConfig, DeviceMap, Error, HubConfig, HubToken, LoadOptions, Model, RetryPolicy};
@@ -49,6 +55,17 @@ struct Seen {
     path: String,
     range: Option<String>,
     auth: Option<String>,
+    /// When it arrived.
+    at: Instant,
+}
+
+/// Where the mock answers with a redirect to the request's own URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loop {
+    /// Resolve URLs (relative redirects, followed by the metadata request).
+    Resolve,
+    /// CDN URLs (absolute redirects, followed by the download).
+    Cdn,
 }
 
 #[derive(Default)]
@@ -58,8 +75,21 @@ struct State {
     token: Option<String>,
     /// Statuses answered to the next requests, whatever they ask.
     fail_next: VecDeque<u16>,
+    /// Headers sent with those statuses (`Retry-After`).
+    fail_headers: Vec<(String, String)>,
     /// CDN bodies stop (the connection is closed) at this byte offset of the file.
     cut_at: Option<u64>,
+    /// The next CDN body only stops (the connection closed) at this offset; later ones are whole.
+    cut_once: Option<u64>,
+    /// The next CDN body sends bytes up to this offset, then nothing, the connection held open
+    /// for this long.
+    stall_once: Option<(u64, Duration)>,
+    /// CDN bodies are sent this many bytes at a time, with this pause after each (a slow link).
+    throttle: Option<(usize, Duration)>,
+    /// CDN bodies have one byte changed (the sha256 announced no longer matches).
+    corrupt: bool,
+    /// Answer requests with a redirect to themselves.
+    redirect_loop: Option<Loop>,
     log: Vec<Seen>,
 }
 
@@ -68,6 +98,10 @@ struct MockHub {
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn hash_hex(data: &[u8], salt: &str) -> String {
@@ -112,11 +146,10 @@ impl MockHub {
         let files = files
             .iter()
             .map(|(name, bytes)| {
-                let f = MockFile {
-                    etag: hash_hex(bytes, name),
-                    bytes: Arc::new(bytes.clone()),
-                    lfs: name.ends_with(".safetensors"),
-                };
+                let lfs = name.ends_with(".safetensors");
+                // The Hub's etag of an LFS file is its sha256; of a plain file, a git hash.
+                let etag = if lfs { sha256_hex(bytes) } else { hash_hex(bytes, name) };
+                let f = MockFile { etag, bytes: Arc::new(bytes.clone()), lfs };
                 (name.clone(), f)
             })
             .collect();
@@ -134,6 +167,10 @@ impl MockHub {
 
     fn etag(&self, repo: &str, file: &str) -> String {
         self.with(|s| s.repos[repo].files[file].etag.clone())
+    }
+
+    fn bytes(&self, repo: &str, file: &str) -> Arc<Vec<u8>> {
+        self.with(|s| s.repos[repo].files[file].bytes.clone())
     }
 
     fn stop(&mut self) {
@@ -160,6 +197,10 @@ struct Reply {
     span: (usize, usize),
     /// Close the connection after this many body bytes (a cut transfer).
     cut_after: Option<usize>,
+    /// After this many body bytes, send nothing for this long, the connection open.
+    stall: Option<(usize, Duration)>,
+    /// Send the body this many bytes at a time, pausing after each.
+    throttle: Option<(usize, Duration)>,
 }
 
 impl Reply {
@@ -170,6 +211,8 @@ impl Reply {
             body: Arc::new(Vec::new()),
             span: (0, 0),
             cut_after: None,
+            stall: None,
+            throttle: None,
         }
     }
 }
@@ -211,7 +254,7 @@ fn serve(file: &MockFile, range: Option<&String>, extra: Vec<(String, String)>, 
     headers.push(("Content-Length".into(), (end - start).to_string()));
     headers.push(("Accept-Ranges".into(), "bytes".into()));
     let cut_after = cut_at.map(|c| (c as usize).saturating_sub(start).min(end - start));
-    Reply { status, headers, body: file.bytes.clone(), span: (start, end), cut_after }
+    Reply { status, headers, body: file.bytes.clone(), span: (start, end), cut_after, stall: None, throttle: None }
 }
 
 fn route(method: &str, path: &str, headers: &HashMap<String, String>, addr: SocketAddr, state: &Mutex<State>) -> Reply {
@@ -221,17 +264,36 @@ fn route(method: &str, path: &str, headers: &HashMap<String, String>, addr: Sock
         path: path.into(),
         range: headers.get("range").cloned(),
         auth: headers.get("authorization").cloned(),
+        at: Instant::now(),
     });
     if let Some(code) = st.fail_next.pop_front() {
-        return Reply::status(code, &[]);
+        let extra: Vec<(&str, &str)> = st.fail_headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        return Reply::status(code, &extra);
     }
+    let to_self = |scheme_host: &str| Reply::status(302, &[("Location", &format!("{scheme_host}{path}"))]);
     if let Some(rest) = path.strip_prefix("/cdn/") {
+        if st.redirect_loop == Some(Loop::Cdn) {
+            return to_self(&format!("http://localhost:{}", addr.port()));
+        }
         let etag = rest.split('?').next().unwrap_or("");
         let file = st.repos.values().flat_map(|r| r.files.values()).find(|f| f.etag == etag).cloned();
-        return match file {
-            Some(f) => serve(&f, headers.get("range"), vec![("ETag".into(), format!("\"{etag}\""))], st.cut_at),
-            None => Reply::status(404, &[]),
-        };
+        let Some(mut f) = file else { return Reply::status(404, &[]) };
+        if st.corrupt {
+            let mut bytes = f.bytes.to_vec();
+            let i = bytes.len() / 2;
+            bytes[i] ^= 0x55;
+            f.bytes = Arc::new(bytes);
+        }
+        let cut = st.cut_once.take().or(st.cut_at);
+        let mut reply = serve(&f, headers.get("range"), vec![("ETag".into(), format!("\"{etag}\""))], cut);
+        if let Some((at, hold)) = st.stall_once.take() {
+            reply.stall = Some(((at as usize).saturating_sub(reply.span.0), hold));
+        }
+        reply.throttle = st.throttle;
+        return reply;
+    }
+    if st.redirect_loop == Some(Loop::Resolve) {
+        return to_self("");
     }
     // /{org}/{name}/resolve/{revision}/{file...}
     let parts: Vec<&str> = path.splitn(6, '/').collect();
@@ -322,7 +384,23 @@ fn handle(conn: TcpStream, addr: SocketAddr, state: &Mutex<State>) -> std::io::R
     if method != "HEAD" {
         let (a, b) = reply.span;
         let b = reply.cut_after.map_or(b, |n| a + n);
-        out.write_all(&reply.body[a..b])?;
+        let body = &reply.body[a..b];
+        if let Some((n, hold)) = reply.stall {
+            let n = n.min(body.len());
+            out.write_all(&body[..n])?;
+            out.flush()?;
+            // Nothing more, the connection open: only a read timeout gets the client out.
+            std::thread::sleep(hold);
+            out.write_all(&body[n..])?;
+        } else if let Some((chunk, pause)) = reply.throttle {
+            for part in body.chunks(chunk.max(1)) {
+                out.write_all(part)?;
+                out.flush()?;
+                std::thread::sleep(pause);
+            }
+        } else {
+            out.write_all(body)?;
+        }
     }
     out.flush()?;
     // Dropping the stream closes the connection, ending a cut body early.
@@ -375,9 +453,14 @@ fn sharded_repo() -> Vec<(String, Vec<u8>)> {
 
 /// A config for `hub` with its own cache, fast retries and no progress bar.
 fn config(hub: &MockHub, cache: &Path) -> HubConfig {
-    let mut cfg = HubConfig::new(hub.endpoint(), cache);
+    config_at(&hub.endpoint(), cache)
+}
+
+fn config_at(endpoint: &str, cache: &Path) -> HubConfig {
+    let mut cfg = HubConfig::new(endpoint, cache);
     cfg.retry = RetryPolicy { max_attempts: 4, base_delay: Duration::from_millis(5), max_delay: Duration::from_millis(40) };
     cfg.timeout = Duration::from_secs(5);
+    cfg.read_timeout = Duration::from_secs(5);
     cfg.progress = false;
     cfg
 }
@@ -405,6 +488,64 @@ fn repo_dir(cache: &Path) -> PathBuf {
 
 fn downloads(log: &[Seen]) -> usize {
     log.iter().filter(|s| s.method == "GET").count()
+}
+
+/// The `Range` header of each CDN download, in order.
+fn cdn_ranges(log: &[Seen]) -> Vec<Option<String>> {
+    log.iter().filter(|s| s.method == "GET" && s.path.starts_with("/cdn/")).map(|s| s.range.clone()).collect()
+}
+
+/// The `.incomplete` files in the repo's blobs folder.
+fn incomplete_files(cache: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(repo_dir(cache).join("blobs")) else { return Vec::new() };
+    rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(".incomplete")).collect()
+}
+
+/// `file`'s blob holds exactly the repo's bytes (an LFS file's sha256 is its etag), and nothing
+/// partial is left.
+fn assert_blob_complete(hub: &MockHub, cache: &Path, file: &str) {
+    let etag = hub.etag(REPO, file);
+    let blob = std::fs::read(repo_dir(cache).join("blobs").join(&etag)).unwrap();
+    assert!(blob == *hub.bytes(REPO, file), "{file}: the blob differs from the served file");
+    if file.ends_with(".safetensors") {
+        assert_eq!(sha256_hex(&blob), etag);
+    }
+    assert_eq!(incomplete_files(cache), Vec::<PathBuf>::new());
+}
+
+/// Neither the blob of `file`, nor a partial download of it, nor a snapshot entry for it.
+fn assert_nothing_kept(hub: &MockHub, cache: &Path, file: &str) {
+    let dir = repo_dir(cache);
+    let etag = hub.etag(REPO, file);
+    assert!(!dir.join("blobs").join(&etag).exists(), "blob kept");
+    assert!(std::fs::symlink_metadata(dir.join("blobs").join(format!("{etag}.incomplete"))).is_err(), ".incomplete kept");
+    let commit = hub.with(|s| s.repos[REPO].commit.clone());
+    let link = dir.join("snapshots").join(commit).join(file);
+    assert!(std::fs::symlink_metadata(&link).is_err(), "snapshot entry kept: {}", link.display());
+}
+
+/// This test binary again, running only `child_process_entry`, which loads `REPO` from `hub`
+/// into `cache` and prints `CHILD-RESULT ok` or `CHILD-RESULT err ...`.
+fn child(hub: &MockHub, cache: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["child_process_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .env("NIBBLE_HUB_CHILD_ENDPOINT", hub.endpoint())
+        .env("NIBBLE_HUB_CHILD_CACHE", cache)
+        .env_remove("NIBBLE_HUB_CHILD_FSIZE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
+/// What a child printed after `CHILD-RESULT `.
+fn child_result(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // libtest prints `test child_process_entry ... ` on the same line, before it.
+    match stdout.lines().find_map(|l| l.split_once("CHILD-RESULT ").map(|(_, r)| r)) {
+        Some(r) => r.to_string(),
+        None => panic!("the child printed no result ({:?}):\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr)),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -722,4 +863,294 @@ fn from_pretrained_with_a_hub_id_reads_the_environment() {
     let model = nibble::from_pretrained(REPO, BitsAndBytesConfig::none(), DeviceMap::Auto).unwrap();
     assert_logits_match(&model);
     assert!(repo_dir(cache.path()).join("refs/main").is_file());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults (issue 15, item 3)
+// ---------------------------------------------------------------------------------------------
+
+/// Not a test of its own: the body of the child processes that `child` starts (it returns at once
+/// when the test binary runs normally). It loads `REPO` with the real code path, optionally under
+/// a file-size limit, and prints the outcome for the parent.
+#[test]
+fn child_process_entry() {
+    let Ok(endpoint) = std::env::var("NIBBLE_HUB_CHILD_ENDPOINT") else { return };
+    let cache = PathBuf::from(std::env::var("NIBBLE_HUB_CHILD_CACHE").unwrap());
+    #[cfg(unix)]
+    if let Ok(limit) = std::env::var("NIBBLE_HUB_CHILD_FSIZE") {
+        let limit: libc::rlim_t = limit.parse().unwrap();
+        // SAFETY: plain libc calls on a struct owned here; the process is single-purpose.
+        unsafe {
+            // Past the limit the kernel sends SIGXFSZ, which kills by default; ignored, the write
+            // fails with EFBIG instead, which is what the code under test sees.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut rl), 0);
+            rl.rlim_cur = limit.min(rl.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rl), 0);
+        }
+    }
+    match load(REPO, &config_at(&endpoint, &cache)) {
+        Ok(_) => println!("CHILD-RESULT ok"),
+        Err(e) => println!("CHILD-RESULT err {e:?} | {e}"),
+    }
+}
+
+#[test]
+fn a_body_cut_short_is_resumed_with_a_range_request() {
+    let hub = MockHub::start();
+    hub.add_repo(REPO, &single_file_repo());
+    hub.with(|s| s.cut_once = Some(1_000_000));
+    let cache = tempfile::tempdir().unwrap();
+    assert_logits_match(&load(REPO, &config(&hub, cache.path())).unwrap());
+    // The second attempt asked for the rest, from the .incomplete file's length.
+    assert_eq!(cdn_ranges(&hub.log()), vec![None, Some("bytes=1000000-".to_string())]);
+    assert_blob_complete(&hub, cache.path(), "model.safetensors");
+}
+
+#[test]
+fn bytes_that_do_not_match_the_linked_etag_are_a_typed_error_and_nothing_is_kept() {
+    let hub = MockHub::start();
+    hub.add_repo(REPO, &single_file_repo());
+    hub.with(|s| s.corrupt = true);
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = config(&hub, cache.path());
+    let etag = hub.etag(REPO, "model.safetensors");
+    match load(REPO, &cfg).unwrap_err() {
+        Error::HubChecksumMismatch { repo, file, expected, actual } => {
+            assert_eq!((repo.as_str(), file.as_str()), (REPO, "model.safetensors"));
+            assert_eq!(expected, etag);
+            let mut served = hub.bytes(REPO, "model.safetensors").to_vec();
+            let i = served.len() / 2;
+            served[i] ^= 0x55;
+            assert_eq!(actual, sha256_hex(&served));
+        }
+        e => panic!("expected HubChecksumMismatch, got {e:?}"),
+    }
+    assert_nothing_kept(&hub, cache.path(), "model.safetensors");
+    // Wrong bytes are not retried (the same server would send them again).
+    assert_eq!(cdn_ranges(&hub.log()).len(), 1);
+
+    // Once the server sends the right bytes, the next run downloads them afresh.
+    hub.with(|s| s.corrupt = false);
+    assert_logits_match(&load(REPO, &cfg).unwrap());
+    assert_eq!(cdn_ranges(&hub.log()), vec![None, None]);
+    assert_blob_complete(&hub, cache.path(), "model.safetensors");
+}
+
+#[test]
+fn a_server_that_stops_sending_hits_the_read_timeout_and_the_retry_resumes() {
+    assert_eq!(HubConfig::new("http://x", "/tmp").read_timeout, Duration::from_secs(10), "huggingface_hub's default");
+    let hub = MockHub::start();
+    hub.add_repo(REPO, &single_file_repo());
+    // A megabyte, then nothing for a minute with the connection open.
+    hub.with(|s| s.stall_once = Some((1_000_000, Duration::from_secs(60))));
+    let cache = tempfile::tempdir().unwrap();
+    let mut cfg = config(&hub, cache.path());
+    cfg.read_timeout = Duration::from_millis(300);
+    let t0 = Instant::now();
+    assert_logits_match(&load(REPO, &cfg).unwrap());
+    assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
+    assert_eq!(cdn_ranges(&hub.log()), vec![None, Some("bytes=1000000-".to_string())]);
+    let cdn: Vec<Instant> = hub.log().iter().filter(|s| s.path.starts_with("/cdn/")).map(|s| s.at).collect();
+    // The read timeout, not the 5 s connect/response timeout of `config`, ended the attempt.
+    let gap = cdn[1] - cdn[0];
+    assert!(gap >= Duration::from_millis(300) && gap < Duration::from_millis(2500), "retried after {gap:?}");
+    assert_blob_complete(&hub, cache.path(), "model.safetensors");
+}
+
+#[test]
+fn a_redirect_loop_is_a_typed_error_after_a_bounded_number_of_redirects() {
+    for (mode, file) in [(Loop::Resolve, "config.json"), (Loop::Cdn, "model.safetensors")] {
+        let hub = MockHub::start();
+        hub.add_repo(REPO, &single_file_repo());
+        hub.with(|s| s.redirect_loop = Some(mode));
+        let cache = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        match load(REPO, &config(&hub, cache.path())).unwrap_err() {
+            Error::HubTooManyRedirects { repo, file: f, redirects, last } => {
+                assert_eq!((repo.as_str(), f.as_str(), redirects), (REPO, file, 5), "{mode:?}");
+                assert!(!last.contains("Signature"), "{last}");
+            }
+            e => panic!("{mode:?}: expected HubTooManyRedirects, got {e:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{mode:?}: took {:?}", t0.elapsed());
+        // The request, then five redirects followed; not retried.
+        let looped = hub.log().iter().filter(|s| s.path.contains(if mode == Loop::Cdn { "/cdn/" } else { "/config.json" })).count();
+        assert_eq!(looped, 6, "{mode:?}: {:?}", hub.log());
+    }
+}
+
+#[test]
+fn retry_after_on_429_is_honoured_and_capped_by_max_delay() {
+    // (Retry-After, max_delay) -> the wait expected between the two tries, at least and at most.
+    let cases = [
+        ("1", Duration::from_secs(5), Duration::from_millis(950), Duration::from_secs(3)),
+        ("3600", Duration::from_millis(300), Duration::from_millis(280), Duration::from_secs(2)),
+    ];
+    for (after, max_delay, lo, hi) in cases {
+        let hub = MockHub::start();
+        hub.add_repo(REPO, &single_file_repo());
+        hub.with(|s| {
+            s.fail_next.push_back(429);
+            s.fail_headers = vec![("Retry-After".into(), after.into())];
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let mut cfg = config(&hub, cache.path());
+        cfg.retry.max_delay = max_delay;
+        assert_logits_match(&load(REPO, &cfg).unwrap());
+        let log = hub.log();
+        assert!(log[..2].iter().all(|s| s.path.ends_with("/config.json")), "{log:?}");
+        let gap = log[1].at - log[0].at;
+        assert!(gap >= lo && gap < hi, "Retry-After {after}, max_delay {max_delay:?}: waited {gap:?}");
+    }
+}
+
+/// A full disk, for real: the `.incomplete` file is a link to `/dev/full`, where every write
+/// fails with ENOSPC. The download code opens, writes and cleans up that path exactly as it would
+/// a file on a full disk (no test hook in the library), and needs no root, unlike a small tmpfs.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_is_a_typed_error_and_leaves_no_partial_blob() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!("no /dev/full here; skipped");
+        return;
+    }
+    let hub = MockHub::start();
+    hub.add_repo(REPO, &single_file_repo());
+    let cache = tempfile::tempdir().unwrap();
+    let blobs = repo_dir(cache.path()).join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let part = blobs.join(format!("{}.incomplete", hub.etag(REPO, "model.safetensors")));
+    std::os::unix::fs::symlink("/dev/full", &part).unwrap();
+    let err = load(REPO, &config(&hub, cache.path())).unwrap_err();
+    let text = err.to_string();
+    match &err {
+        Error::WriteFailed { path, source } => {
+            assert_eq!(path, &part);
+            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
+        }
+        e => panic!("expected WriteFailed, got {e:?}"),
+    }
+    assert!(text.contains("disk is full") && text.contains(&part.display().to_string()), "{text}");
+    assert_nothing_kept(&hub, cache.path(), "model.safetensors");
+    assert!(Path::new("/dev/full").exists());
+}
+
+/// A file-size limit (`RLIMIT_FSIZE`) in a child process: writes to a regular file in the cache
+/// fail with EFBIG past it, the other way a disk runs out, exercising the same write-error path as
+/// ENOSPC on the real file (the limit cannot be set in this process: it would hit every test).
+#[cfg(unix)]
+#[test]
+fn a_file_size_limit_in_a_child_process_is_a_typed_error_and_leaves_no_partial_blob() {
+    let hub = MockHub::start();
+    hub.add_repo(REPO, &single_file_repo());
+    let cache = tempfile::tempdir().unwrap();
+    let out = child(&hub, cache.path()).env("NIBBLE_HUB_CHILD_FSIZE", "1000000").output().unwrap();
+    let result = child_result(&out);
+    let part = repo_dir(cache.path()).join("blobs").join(format!("{}.incomplete", hub.etag(REPO, "model.safetensors")));
+    assert!(result.starts_with("err WriteFailed"), "{result}");
+    assert!(result.contains(&part.display().to_string()) && result.contains("disk is full"), "{result}");
+    assert!(result.contains(&format!("os error {}", libc::EFBIG)), "{result}");
+    assert_nothing_kept(&hub, cache.path(), "model.safetensors");
+    // The small files that fit were kept, complete.
+    assert_blob_complete(&hub, cache.path(), "config.json");
+}
+
+#[test]
+fn two_clients_downloading_the_same_file_at_once_download_it_once() {
+    let hub = MockHub::start();
+    hub.add_repo(REPO, &single_file_repo());
+    // The weights take about a second to arrive: long enough for both to be at them together.
+    hub.with(|s| s.throttle = Some((128 * 1024, Duration::from_millis(50))));
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = config(&hub, cache.path());
+    let start = Arc::new(Barrier::new(2));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (cfg, start) = (cfg.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                load(REPO, &cfg).map(drop)
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    assert_once_each(&hub.log());
+    assert_blob_complete(&hub, cache.path(), "model.safetensors");
+    assert!(repo_dir(cache.path()).parent().unwrap().join(".locks/models--nibble-test--tiny-llama").is_dir());
+}
+
+#[cfg(unix)]
+#[test]
+fn two_processes_downloading_the_same_file_at_once_download_it_once() {
+    let hub = MockHub::start();
+    hub.add_repo(REPO, &single_file_repo());
+    hub.with(|s| s.throttle = Some((128 * 1024, Duration::from_millis(50))));
+    let cache = tempfile::tempdir().unwrap();
+    let a = child(&hub, cache.path()).spawn().unwrap();
+    let b = child(&hub, cache.path()).spawn().unwrap();
+    for p in [a, b] {
+        let out = p.wait_with_output().unwrap();
+        assert_eq!(child_result(&out), "ok");
+    }
+    assert_once_each(&hub.log());
+    assert_blob_complete(&hub, cache.path(), "model.safetensors");
+}
+
+/// Each file was downloaded once, though both clients asked for its metadata, and the second
+/// asked for the weights while the first was still receiving them (so it waited on the lock).
+fn assert_once_each(log: &[Seen]) {
+    let mut gets: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in log.iter().filter(|s| s.method == "GET") {
+        *gets.entry(s.path.split('?').next().unwrap_or("")).or_default() += 1;
+    }
+    assert!(gets.values().all(|&n| n == 1), "{gets:?}");
+    let heads: Vec<Instant> =
+        log.iter().filter(|s| s.method == "HEAD" && s.path.ends_with("/model.safetensors")).map(|s| s.at).collect();
+    assert_eq!(heads.len(), 2, "{log:?}");
+    let cdn = log.iter().find(|s| s.path.starts_with("/cdn/")).unwrap().at;
+    let last_head = heads.iter().max().unwrap();
+    assert!(
+        *last_head < cdn + Duration::from_millis(700),
+        "the second client came {:?} after the download started: they did not overlap",
+        last_head.saturating_duration_since(cdn)
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_download_interrupted_by_sigint_is_resumed_by_the_next_run() {
+    use std::os::unix::process::ExitStatusExt;
+    let hub = MockHub::start();
+    hub.add_repo(REPO, &single_file_repo());
+    let etag = hub.etag(REPO, "model.safetensors");
+    let total = hub.bytes(REPO, "model.safetensors").len() as u64;
+    // About 1.6 MB/s: the child is interrupted well before the end.
+    hub.with(|s| s.throttle = Some((32 * 1024, Duration::from_millis(20))));
+    let cache = tempfile::tempdir().unwrap();
+    let part = repo_dir(cache.path()).join("blobs").join(format!("{etag}.incomplete"));
+    let mut proc = child(&hub, cache.path()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 300_000 {
+        assert!(proc.try_wait().unwrap().is_none(), "the child ended before it was interrupted");
+        assert!(Instant::now() < deadline, "the child never got 300 kB into the download");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: a signal to the child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(proc.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let status = proc.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+    let have = std::fs::metadata(&part).expect("the .incomplete file did not survive SIGINT").len();
+    assert!(have >= 300_000 && have < total, "{have} of {total}");
+    assert!(!repo_dir(cache.path()).join("blobs").join(&etag).exists());
+
+    hub.with(|s| s.throttle = None);
+    assert_logits_match(&load(REPO, &config(&hub, cache.path())).unwrap());
+    let ranges = cdn_ranges(&hub.log());
+    assert_eq!(ranges.first(), Some(&None));
+    assert_eq!(ranges.last(), Some(&Some(format!("bytes={have}-"))), "{ranges:?}");
+    assert_blob_complete(&hub, cache.path(), "model.safetensors");
 }

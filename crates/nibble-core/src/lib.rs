@@ -337,6 +337,52 @@ pub enum Error {
         reason: String,
     },
 
+    /// A downloaded file's bytes do not hash to the sha256 the Hub announced for it (the
+    /// `X-Linked-Etag` of an LFS file). Nothing of the download is kept in the cache.
+    #[error(
+        "{file} of {repo} is corrupt: its sha256 is {actual}, the Hub announced {expected}; \
+         the download was discarded: retry, and if it persists check HF_ENDPOINT (a proxy or mirror \
+         may be serving other bytes)"
+    )]
+    HubChecksumMismatch {
+        /// The repository id.
+        repo: String,
+        /// The file, relative to the repository root.
+        file: String,
+        /// The sha256 the Hub announced (hex).
+        expected: String,
+        /// The sha256 of the bytes received (hex).
+        actual: String,
+    },
+
+    /// A request was redirected more times than nibble follows (a redirect loop, or a
+    /// misconfigured proxy or mirror).
+    #[error(
+        "fetching {file} of {repo} was redirected more than {redirects} times (last to {last}): \
+         a redirect loop; check HF_ENDPOINT and any proxy in between"
+    )]
+    HubTooManyRedirects {
+        /// The repository id.
+        repo: String,
+        /// The file being fetched.
+        file: String,
+        /// How many redirects were followed before giving up.
+        redirects: usize,
+        /// The last redirect target, without its query (CDN URLs carry signatures there).
+        last: String,
+    },
+
+    /// Writing a file failed: the disk is full, a quota or file-size limit was reached, or
+    /// another write error. What was being written is removed, so no partial file is left.
+    #[error("writing {} failed: {source}{}", path.display(), write_failed_hint(source))]
+    WriteFailed {
+        /// The file being written.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A prompt plus the tokens asked for does not fit the context the model was planned for.
     #[error(
         "the prompt has {prompt_tokens} tokens and {max_new_tokens} more were asked for: {} in all, \
@@ -379,6 +425,35 @@ pub enum Error {
         /// The pickle file found.
         file: String,
     },
+}
+
+/// Whether a write error means the disk (or a quota, or the process's file-size limit) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.kind() == std::io::ErrorKind::FileTooLarge {
+        return true;
+    }
+    // ENOSPC 28, EFBIG 27, EDQUOT (122 on Linux, 69 on macOS and the BSDs).
+    #[cfg(unix)]
+    {
+        #[cfg(target_os = "linux")]
+        const EDQUOT: i32 = 122;
+        #[cfg(not(target_os = "linux"))]
+        const EDQUOT: i32 = 69;
+        matches!(e.raw_os_error(), Some(28 | 27) | Some(EDQUOT))
+    }
+    #[cfg(not(unix))]
+    {
+        false
+    }
+}
+
+fn write_failed_hint(e: &std::io::Error) -> &'static str {
+    if is_disk_full(e) {
+        "; the disk is full (or a quota or file-size limit was reached): free some space, or point \
+         HF_HUB_CACHE (or HF_HOME) at a disk with room for the model"
+    } else {
+        ""
+    }
 }
 
 /// When an out-of-memory condition was found.

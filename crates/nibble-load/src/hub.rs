@@ -32,6 +32,10 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The revision used when none is given.
 pub const DEFAULT_REVISION: &str = "main";
 
+/// How long a download may receive nothing before the attempt fails (`HF_HUB_DOWNLOAD_TIMEOUT`
+/// unset): Python's `huggingface_hub` default.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Tokenizer files: fetched when the repo has them; offline, each must be cached or known absent.
 const TOKENIZER_FILES: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
 
@@ -118,8 +122,12 @@ pub struct HubConfig {
     pub offline: bool,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
-    /// Connect timeout, and the longest wait for a response or for more bytes of one.
+    /// Connect timeout, and the longest time to receive a response's headers.
     pub timeout: Duration,
+    /// The longest wait for any read of a response, headers or body (`HF_HUB_DOWNLOAD_TIMEOUT`,
+    /// default 10 s as in Python's `huggingface_hub`): a server that keeps the connection open
+    /// but stops sending fails the attempt after this long, and the retry resumes the download.
+    pub read_timeout: Duration,
     /// Show a download progress bar (drawn only when stderr is a terminal).
     pub progress: bool,
 }
@@ -133,6 +141,7 @@ impl fmt::Debug for HubConfig {
             .field("offline", &self.offline)
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
+            .field("read_timeout", &self.read_timeout)
             .field("progress", &self.progress)
             .finish()
     }
@@ -149,6 +158,7 @@ impl HubConfig {
             offline: false,
             retry: RetryPolicy::default(),
             timeout: Duration::from_secs(30),
+            read_timeout: DEFAULT_READ_TIMEOUT,
             progress: true,
         }
     }
@@ -181,6 +191,13 @@ impl HubConfig {
         let mut cfg = Self::new(var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.into()), cache_dir);
         cfg.token = token;
         cfg.offline = offline;
+        if let Some(secs) = var("HF_HUB_DOWNLOAD_TIMEOUT").and_then(|v| v.trim().parse::<f64>().ok()) {
+            if let Ok(d) = Duration::try_from_secs_f64(secs) {
+                if !d.is_zero() {
+                    cfg.read_timeout = d;
+                }
+            }
+        }
         cfg
     }
 }
@@ -373,19 +390,29 @@ fn fetch_weights(client: &Client<'_>, cache: &RepoCache, repo_id: &str, commit: 
 
 /// Puts one file in the snapshot: linked to its blob, downloaded first when the blob is not
 /// cached. Returns the snapshot path.
+///
+/// The blob's lock file (`<cache>/.locks/models--org--name/<etag>.lock`, Python's) is held from
+/// the check for the blob to the snapshot link, so two downloads of one blob at once (threads,
+/// processes, or nibble and Python) become one download: the second waits, then finds the blob.
 fn fetch(client: &Client<'_>, cache: &RepoCache, meta: &FileMeta) -> Result<PathBuf> {
     if let Some(p) = cache.cached_file(&meta.commit, &meta.file) {
         return Ok(p);
     }
+    let _lock = cache.lock_blob(&meta.etag, &meta.file)?;
     let blob = cache.blob(&meta.etag);
     if !blob.is_file() {
         let part = cache.incomplete(&meta.etag);
         let blobs = cache.dir.join("blobs");
         std::fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
         tracing::info!("downloading {} ({})", meta.file, meta.size.map_or_else(|| "size unknown".into(), human_bytes));
+        // On an interruption (a network failure past the retries, SIGINT, a crash) the
+        // .incomplete file stays, and the next run resumes it; it is removed only when its bytes
+        // are wrong (checksum) or could not be written (disk full).
         client.download(meta, &part)?;
-        // Only a complete, synced download gets the blob's name.
+        // Only a complete, verified, synced download gets the blob's name.
         std::fs::rename(&part, &blob).map_err(|e| Error::io(&blob, e))?;
+    } else {
+        tracing::debug!("{} is already in the cache (blob {})", meta.file, meta.etag);
     }
     cache.link(&meta.etag, &meta.commit, &meta.file)
 }

@@ -8,6 +8,7 @@
 //!     refs/<revision>                   the commit hash a branch or tag pointed to when last fetched
 //!     snapshots/<commit>/<file>         relative symlink to ../../blobs/<etag> (a copy where links fail)
 //!     .no_exist/<commit>/<file>         empty marker: the file is not in the repo at that commit
+//! <cache>/.locks/models--org--name/<etag>.lock   held while one process downloads that blob
 //! ```
 
 use std::fs;
@@ -57,6 +58,34 @@ impl RepoCache {
     /// so a cut download never looks complete.
     pub(crate) fn incomplete(&self, etag: &str) -> PathBuf {
         self.dir.join("blobs").join(format!("{etag}.incomplete"))
+    }
+
+    /// Takes the exclusive lock of blob `etag` (for `file`), waiting while another thread or
+    /// process holds it. The path is Python's (`<cache>/.locks/models--org--name/<etag>.lock`,
+    /// an advisory `flock` there too), so nibble and `huggingface_hub` wait for each other. The
+    /// lock is released when the returned file is dropped, or when the process dies; the lock
+    /// file itself stays (removing it would let a third process lock a different file).
+    pub(crate) fn lock_blob(&self, etag: &str, file: &str) -> Result<fs::File> {
+        let root = self.dir.parent().unwrap_or(&self.dir);
+        let dir = root.join(".locks").join(file_name(&self.dir));
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("{etag}.lock"));
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match lock.try_lock() {
+            Ok(()) => return Ok(lock),
+            Err(fs::TryLockError::WouldBlock) => {
+                tracing::info!("waiting for another download of {file} to finish (lock {})", path.display());
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        lock.lock().map_err(|e| Error::io(&path, e))?;
+        Ok(lock)
     }
 
     pub(crate) fn snapshot_dir(&self, commit: &str) -> PathBuf {
@@ -115,9 +144,17 @@ impl RepoCache {
         }
         let parent = path.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let tmp = parent.join(format!(".{}.tmp{}", file_name(&path), std::process::id()));
+        // Unique per process and per call: two threads writing the same ref must not share a
+        // temp file (the second rename would find it gone).
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = parent.join(format!(".{}.tmp{}-{seq}", file_name(&path), std::process::id()));
         let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(commit.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
+        if let Err(e) = f.write_all(commit.as_bytes()) {
+            drop(f);
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::WriteFailed { path: tmp, source: e });
+        }
         drop(f);
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
@@ -129,13 +166,18 @@ impl RepoCache {
         let blob = self.blob(etag);
         let parent = dst.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        // A dangling link (its blob deleted by a cache cleanup) is replaced.
-        if fs::symlink_metadata(&dst).is_ok() {
-            fs::remove_file(&dst).map_err(|e| Error::io(&dst, e))?;
-        }
         // snapshots/<commit>/ is two levels below the repo folder, plus one per folder in `file`.
         let depth = 2 + Path::new(file).components().count().saturating_sub(1);
         let target = PathBuf::from("../".repeat(depth)).join("blobs").join(etag);
+        // Already the right link (another process made it): kept as it is.
+        if fs::read_link(&dst).is_ok_and(|t| t == target) && dst.is_file() {
+            return Ok(dst);
+        }
+        // A dangling link (its blob deleted by a cache cleanup), or a link to another blob, is
+        // replaced.
+        if fs::symlink_metadata(&dst).is_ok() {
+            fs::remove_file(&dst).map_err(|e| Error::io(&dst, e))?;
+        }
         #[cfg(unix)]
         let linked = std::os::unix::fs::symlink(&target, &dst).is_ok();
         #[cfg(not(unix))]
@@ -144,7 +186,11 @@ impl RepoCache {
             false
         };
         if !linked {
-            fs::copy(&blob, &dst).map_err(|e| Error::io(&dst, e))?;
+            if let Err(e) = fs::copy(&blob, &dst) {
+                // A partial copy would look like a cached file.
+                let _ = fs::remove_file(&dst);
+                return Err(Error::WriteFailed { path: dst, source: e });
+            }
         }
         Ok(dst)
     }

@@ -4,22 +4,26 @@
 //!   commit the revision points to), `X-Linked-Etag` (LFS files: their sha256) or `ETag`, and
 //!   `X-Linked-Size` or `Content-Length`. Relative redirects (renamed repos) are followed; an
 //!   absolute one (LFS files, to a CDN) ends the HEAD and its `Location` is where the bytes are.
-//! - `GET` of that location, with `Range: bytes=N-` to resume a partial download.
+//! - `GET` of that location, with `Range: bytes=N-` to resume a partial download. The bytes of
+//!   an LFS file are hashed as they arrive and must match its sha256 (the `X-Linked-Etag`).
 //! - Errors: the status plus `X-Error-Code` (`RepoNotFound`, `GatedRepo`, `RevisionNotFound`,
-//!   `EntryNotFound`) map to typed errors; 5xx, 408, 429, resets and timeouts are retried with
-//!   exponential backoff and jitter, a bounded number of times.
+//!   `EntryNotFound`) map to typed errors; 5xx, 408, 429, resets and timeouts (no bytes for
+//!   [`HubConfig::read_timeout`]) are retried with exponential backoff and jitter, a bounded
+//!   number of times, waiting at least what a `Retry-After` asks (capped). More than
+//!   `MAX_REDIRECTS` redirects for one request is a typed error, as is a failed write.
 //!
 //! The token is sent only to the endpoint's own origin, never to the CDN a redirect points at
 //! (its signed URL is the credential there), and is scrubbed from every message built from what
 //! the network sent.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nibble_core::{Error, Result};
+use sha2::{Digest as _, Sha256};
 use ureq::http::{HeaderMap, Response};
 use ureq::Body;
 
@@ -41,6 +45,8 @@ pub(crate) struct FileMeta {
     pub(crate) etag: String,
     /// The size, when the server said.
     pub(crate) size: Option<u64>,
+    /// The sha256 the bytes must have (lowercase hex): an LFS file's `X-Linked-Etag`.
+    pub(crate) sha256: Option<String>,
     /// Where to `GET` the bytes (the resolve URL, or the CDN URL it redirected to).
     url: String,
 }
@@ -78,8 +84,9 @@ impl<'a> Client<'a> {
             .max_redirects(0)
             .timeout_connect(Some(cfg.timeout))
             .timeout_recv_response(Some(cfg.timeout))
-            // A stalled transfer fails (and is resumed) instead of hanging forever.
-            .timeout_per_read(Some(cfg.timeout))
+            // A stalled transfer (the connection open, nothing arriving) fails after this long,
+            // and the next attempt resumes it, instead of hanging forever.
+            .timeout_per_read(Some(cfg.read_timeout))
             .user_agent(concat!("nibble/", env!("CARGO_PKG_VERSION"), "; rust"))
             .build()
             .into();
@@ -92,11 +99,38 @@ impl<'a> Client<'a> {
     }
 
     /// Downloads `meta` into `dest` (the blob's `.incomplete` file), resuming what is there,
-    /// retried. On success `dest` holds exactly the announced bytes, synced to disk.
+    /// retried. On success `dest` holds exactly the announced bytes (of the announced sha256, for
+    /// an LFS file), synced to disk.
+    ///
+    /// `dest` is removed when its bytes are wrong ([`Error::HubChecksumMismatch`]) or could not
+    /// be written ([`Error::WriteFailed`], a full disk); after any other failure it stays, for
+    /// the next run to resume.
     pub(crate) fn download(&self, meta: &FileMeta, dest: &Path) -> Result<()> {
         let bar = self.progress_bar(meta);
-        let r = self.retrying(&meta.file, || self.download_once(meta, dest, &bar));
+        let mut digest = meta.sha256.as_ref().map(|_| Digest::default());
+        let r = self.retrying(&meta.file, || self.download_once(meta, dest, &bar, digest.as_mut()));
         bar.finish_and_clear();
+        let r = r.and_then(|()| match (&meta.sha256, digest) {
+            (Some(expected), Some(d)) => {
+                let actual = d.hex();
+                if actual == *expected {
+                    Ok(())
+                } else {
+                    Err(Error::HubChecksumMismatch {
+                        repo: self.repo.into(),
+                        file: meta.file.clone(),
+                        expected: expected.clone(),
+                        actual,
+                    })
+                }
+            }
+            _ => Ok(()),
+        });
+        if let Err(Error::HubChecksumMismatch { .. } | Error::WriteFailed { .. }) = &r {
+            if let Err(e) = std::fs::remove_file(dest) {
+                tracing::warn!("could not remove {}: {e}", dest.display());
+            }
+        }
         r
     }
 
@@ -135,7 +169,7 @@ impl<'a> Client<'a> {
                 a => Err(a),
             };
         }
-        Err(self.protocol(file, "too many redirects").into())
+        Err(self.too_many_redirects(file, &url).into())
     }
 
     fn meta_from(
@@ -165,11 +199,24 @@ impl<'a> Client<'a> {
         // Not redirected: fetch at the commit rather than the branch, so the bytes are those of the
         // commit this metadata describes even if the branch moves meanwhile.
         let url = location.unwrap_or_else(|| self.resolve_url(file, commit));
-        Ok(FileMeta { file: file.to_string(), commit: commit.to_string(), etag, size, url })
+        // An LFS file's X-Linked-Etag is its sha256; a plain file's ETag is a git hash, not
+        // checked here.
+        let sha256 = header(headers, "x-linked-etag")
+            .map(|e| e.trim().trim_start_matches("W/").trim_matches('"').to_ascii_lowercase())
+            .filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()));
+        Ok(FileMeta { file: file.to_string(), commit: commit.to_string(), etag, size, sha256, url })
     }
 
-    fn download_once(&self, meta: &FileMeta, dest: &Path, bar: &ProgressBar) -> std::result::Result<(), Attempt> {
+    fn download_once(
+        &self,
+        meta: &FileMeta,
+        dest: &Path,
+        bar: &ProgressBar,
+        mut digest: Option<&mut Digest>,
+    ) -> std::result::Result<(), Attempt> {
         let io = |e| Attempt::Fail(Error::io(dest, e));
+        // Writes into the file, and making it durable: their failure (a full disk) is final.
+        let write_failed = |e| Attempt::Fail(Error::WriteFailed { path: dest.to_path_buf(), source: e });
         let mut out = OpenOptions::new().create(true).append(true).open(dest).map_err(io)?;
         let mut start = out.metadata().map_err(io)?.len();
         let mut total = meta.size;
@@ -179,7 +226,10 @@ impl<'a> Client<'a> {
                 out.set_len(0).map_err(io)?;
                 start = 0;
             } else if start == size {
-                out.sync_all().map_err(io)?;
+                if let Some(d) = digest {
+                    d.catch_up(dest, size).map_err(io)?;
+                }
+                out.sync_all().map_err(write_failed)?;
                 return Ok(());
             }
         }
@@ -188,11 +238,14 @@ impl<'a> Client<'a> {
         let mut resp = loop {
             let resp = self.request("GET", &url, (start > 0).then_some(start))?;
             let status = resp.status().as_u16();
-            if (300..400).contains(&status) && hops < MAX_REDIRECTS {
-                hops += 1;
+            if (300..400).contains(&status) {
                 let location = header(resp.headers(), "location")
                     .ok_or_else(|| self.protocol(&meta.file, "redirect without Location"))?;
                 url = absolute(&url, location);
+                hops += 1;
+                if hops > MAX_REDIRECTS {
+                    return Err(self.too_many_redirects(&meta.file, &url).into());
+                }
                 continue;
             }
             match status {
@@ -233,6 +286,10 @@ impl<'a> Client<'a> {
             bar.set_length(total);
         }
         bar.set_position(start);
+        // The hash covers the bytes already in the file (a resumed download) and those to come.
+        if let Some(d) = digest.as_deref_mut() {
+            d.catch_up(dest, start).map_err(io)?;
+        }
         let mut reader = resp.body_mut().as_reader();
         let mut buf = vec![0u8; CHUNK];
         let mut have = start;
@@ -240,22 +297,30 @@ impl<'a> Client<'a> {
             match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    out.write_all(&buf[..n]).map_err(io)?;
+                    out.write_all(&buf[..n]).map_err(write_failed)?;
+                    if let Some(d) = digest.as_deref_mut() {
+                        d.update(&buf[..n]);
+                    }
                     have += n as u64;
                     bar.set_position(have);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // What arrived stays in the .incomplete file; the next attempt resumes there.
-                    out.flush().map_err(io)?;
-                    return Err(Attempt::Retry {
-                        reason: self.scrub(format!("connection lost after {have} bytes: {e}")),
-                        after: None,
-                    });
+                    out.flush().map_err(write_failed)?;
+                    let reason = if e.kind() == std::io::ErrorKind::TimedOut {
+                        format!(
+                            "nothing received for {:.1}s after {have} bytes (read timeout, HF_HUB_DOWNLOAD_TIMEOUT): {e}",
+                            self.cfg.read_timeout.as_secs_f32()
+                        )
+                    } else {
+                        format!("connection lost after {have} bytes: {e}")
+                    };
+                    return Err(Attempt::Retry { reason: self.scrub(reason), after: None });
                 }
             }
         }
-        out.flush().map_err(io)?;
+        out.flush().map_err(write_failed)?;
         match total {
             Some(size) if have < size => {
                 Err(Attempt::Retry { reason: format!("download cut at {have} of {size} bytes"), after: None })
@@ -267,7 +332,7 @@ impl<'a> Client<'a> {
             _ => {
                 // Durable before the caller renames it into place, so a crash cannot leave a
                 // complete-looking blob with missing bytes.
-                out.sync_all().map_err(io)?;
+                out.sync_all().map_err(write_failed)?;
                 Ok(())
             }
         }
@@ -321,7 +386,7 @@ impl<'a> Client<'a> {
                 hint: "the repository has no such file at this revision".into(),
             },
             (_, 408 | 429 | 500..=599) => {
-                let after = header(headers, "retry-after").and_then(|s| s.trim().parse::<u64>().ok()).map(Duration::from_secs);
+                let after = header(headers, "retry-after").and_then(|v| parse_retry_after(v, SystemTime::now()));
                 return Attempt::Retry { reason: format!("HTTP {status}"), after };
             }
             _ => {
@@ -361,6 +426,15 @@ impl<'a> Client<'a> {
         Err(Error::HubNetwork { repo: self.repo.into(), file: file.into(), attempts: max, reason: last })
     }
 
+    fn too_many_redirects(&self, file: &str, last: &str) -> Error {
+        Error::HubTooManyRedirects {
+            repo: self.repo.into(),
+            file: file.into(),
+            redirects: MAX_REDIRECTS,
+            last: self.scrub(strip_query(last).to_string()),
+        }
+    }
+
     fn protocol(&self, file: &str, reason: &str) -> Error {
         Error::HubProtocol {
             repo: self.repo.into(),
@@ -392,6 +466,87 @@ impl<'a> Client<'a> {
         bar.set_message(meta.file.clone());
         bar
     }
+}
+
+/// The running sha256 of the bytes written to a `.incomplete` file, kept across attempts.
+#[derive(Default)]
+pub(crate) struct Digest {
+    sha: Sha256,
+    /// Bytes hashed so far.
+    len: u64,
+}
+
+impl Digest {
+    /// Makes the digest cover exactly the first `len` bytes of `file`: kept when it already
+    /// does (the usual case, a retry after bytes it hashed), else rebuilt by reading them (a
+    /// download resumed from an earlier run, or a file truncated to restart).
+    fn catch_up(&mut self, file: &Path, len: u64) -> std::io::Result<()> {
+        if self.len == len {
+            return Ok(());
+        }
+        *self = Digest::default();
+        let mut f = File::open(file)?.take(len);
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.len != len {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the partial download shrank while read"));
+        }
+        Ok(())
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        self.sha.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    /// The sha256 so far, lowercase hex.
+    fn hex(&self) -> String {
+        self.sha.clone().finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// A `Retry-After` value: delay-seconds, or an HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`)
+/// turned into the time left from `now` (zero if past).
+fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = parse_http_date(v)?;
+    let now = now.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
+    Some(Duration::from_secs(at.saturating_sub(now)))
+}
+
+/// Seconds since the Unix epoch of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form
+/// HTTP servers send.
+fn parse_http_date(v: &str) -> Option<u64> {
+    let rest = v.split_once(',').map_or(v, |(_, r)| r).trim();
+    let mut it = rest.split_whitespace();
+    let day: u64 = it.next()?.parse().ok()?;
+    let month = it.next()?;
+    let year: u64 = it.next()?.parse().ok()?;
+    let mut hms = it.next()?.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if it.next()? != "GMT" || !(1..=31).contains(&day) || year < 1970 || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let month = MONTHS.iter().position(|&x| x == month)? as u64 + 1;
+    // Days from the epoch of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+    let (y, mo) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + h * 3600 + m * 60 + s)
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -469,5 +624,38 @@ mod tests {
         assert_eq!(parse_content_range("bytes 10-99/100"), Some((10, Some(100))));
         assert_eq!(parse_content_range("bytes 10-99/*"), Some((10, None)));
         assert!(!is_plain_name("../x") && !is_plain_name("a/b") && is_plain_name("abc123"));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(parse_http_date("Tue, 29 Feb 2028 12:00:00 GMT"), Some(1_835_438_400));
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now), Some(Duration::ZERO));
+        for bad in ["", "soon", "-1", "Sun, 06 Foo 1994 08:49:37 GMT", "Sun, 06 Nov 1994 08:49 GMT", "Sun, 06 Nov 1994 08:49:37 PST"] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn digest_catches_up_with_a_file() {
+        let dir = std::env::temp_dir().join(format!("nibble-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("part");
+        std::fs::write(&p, b"hello world").unwrap();
+        let mut d = Digest::default();
+        d.catch_up(&p, 5).unwrap();
+        d.update(b" world");
+        d.catch_up(&p, 11).unwrap();
+        // sha256("hello world")
+        assert_eq!(d.hex(), "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9");
+        let mut fresh = Digest::default();
+        fresh.catch_up(&p, 11).unwrap();
+        assert_eq!(fresh.hex(), d.hex());
+        assert!(Digest::default().catch_up(&p, 12).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
