@@ -162,6 +162,16 @@ def main():
         "{{ line(m) }}{% set ns = namespace(n=loop.index) %}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% else %}{{ eos_token }}{% endif %}"
         "{{ messages[-1]['content'].startswith('B') }}{{ raise_exception('x') if messages|length > 99 }}")
+    # Hub answers: metadata of a config.json (what a HEAD and a GET both get), a redirect,
+    # a 429, a 404 with the Hub's error header.
+    cfg = b'{"model_type": "llama"}'
+    put("hub_response", "ok", b"HTTP/1.1 200 OK\r\nX-Repo-Commit: " + b"a" * 40 + b"\r\nETag: \"abc\"\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(cfg) + cfg)
+    put("hub_response", "redirect", b"HTTP/1.1 302 Found\r\nLocation: /org/model/resolve/main/config.json\r\n"
+        b"Content-Length: 0\r\n\r\n")
+    put("hub_response", "throttled", b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 2\r\n\r\n{}")
+    put("hub_response", "missing", b"HTTP/1.1 404 Not Found\r\nX-Error-Code: EntryNotFound\r\n"
+        b"X-Error-Message: Entry not found\r\nContent-Length: 0\r\n\r\n")
     # server requests
     put("serve_request", "chat.json", json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "stream": True, "stream_options": {"include_usage": True},
