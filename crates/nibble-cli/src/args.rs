@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use nibble::{BitsAndBytesConfig, ComputeDtype, DeviceMap, GenerateOptions, LoadOptions, Model, ModelDtype};
+use nibble::{AdapterSpec, BitsAndBytesConfig, ComputeDtype, DeviceMap, GenerateOptions, LoadOptions, Model, ModelDtype};
 
 /// The instruct model a later setup step downloads; preferred when present because it gives
 /// readable answers.
@@ -161,6 +161,21 @@ pub struct ModelArgs {
     /// Generate exactly --max-tokens, past any eos token (to reproduce a benchmark row).
     #[arg(long)]
     pub ignore_eos: bool,
+
+    /// A PEFT LoRA adapter: a folder with adapter_config.json and adapter_model.safetensors, or a
+    /// hub id; NAME=PATH names it. Repeat for several: the first runs by default, and `serve`
+    /// answers each as "model": "<model>:<name>".
+    #[arg(long = "adapter", value_name = "[NAME=]PATH|ID", value_parser = parse_adapter)]
+    pub adapters: Vec<AdapterSpec>,
+
+    /// Merge the adapters into the weights (PEFT's merge_and_unload; a quantized layer is
+    /// dequantized, added to and quantized again) instead of running them beside the base.
+    #[arg(long)]
+    pub merge_adapter: bool,
+}
+
+fn parse_adapter(s: &str) -> Result<AdapterSpec, nibble::Error> {
+    AdapterSpec::parse(s)
 }
 
 fn parse_device_map(s: &str) -> Result<DeviceMap, nibble::Error> {
@@ -224,6 +239,8 @@ impl ModelArgs {
             device_map: self.device_map.clone(),
             max_seq_len: self.max_seq_len,
             progress: true,
+            adapters: self.adapters.clone(),
+            merge_adapters: self.merge_adapter,
             ..LoadOptions::default()
         }
     }

@@ -194,7 +194,10 @@ pub struct QuantizeArgs {
 
 /// `nibble quantize`: load, quantize, save in the bitsandbytes layout.
 pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<()> {
-    let model = args.model.load()?;
+    // A checkpoint has no place for adapters beside the weights: they are merged into them.
+    let mut flags = args.model.clone();
+    flags.merge_adapter |= !flags.adapters.is_empty();
+    let model = flags.load()?;
     model.save_pretrained(&args.out)?;
     eprintln!(
         "wrote {} ({}, {} weight bytes)",

@@ -115,6 +115,20 @@ pub enum Error {
         found: Vec<usize>,
     },
 
+    /// A LoRA adapter's matrix does not fit the layer it targets (another base model, or a
+    /// rank other than `adapter_config.json` says).
+    #[error("{path}: adapter tensor `{tensor}` has shape {found:?}, expected {expected:?} from the base layer and the adapter's rank")]
+    AdapterShapeMismatch {
+        /// The adapter's safetensors file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The shape the base layer and the rank need.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+
     /// A tensor has a dtype nibble cannot use where it is.
     #[error("{path}: tensor `{tensor}` has dtype {found}, expected {expected}")]
     DtypeMismatch {

@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use candle_core::{Device, Tensor};
 use nibble_core::{Error, Result};
 use nibble_quant::kernels::{dot_f32, for_each_chunk_mut, Precision, Rows};
+use nibble_quant::AdapterSel;
 
 use crate::{GateUp, Layer, Llama, Qkv};
 
@@ -374,12 +375,13 @@ impl Llama {
         x: &Tensor,
         (cos, sin): &(Vec<f32>, Vec<f32>),
         kv: &mut HostKv,
+        sel: AdapterSel<'_>,
     ) -> Result<Tensor> {
         let (b, _, h) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let p = self.precision();
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let xs = self.layer_rows(layer, xs, b, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
+        let xs = self.layer_rows(layer, xs, b, sel, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
             rope(q, hd, cos, sin, p);
             rope(k, hd, cos, sin, p);
             // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
@@ -399,6 +401,7 @@ impl Llama {
         xs: Vec<f32>,
         rots: &[(Vec<f32>, Vec<f32>)],
         kvs: &mut [&mut HostKv],
+        sel: AdapterSel<'_>,
     ) -> Result<Vec<f32>> {
         let n = kvs.len();
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
@@ -407,7 +410,7 @@ impl Llama {
         if rots.len() != n {
             return Err(Error::invalid_argument("rots", format!("{} positions for {n} sequences", rots.len())));
         }
-        self.layer_rows(layer, xs, n, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
+        self.layer_rows(layer, xs, n, sel, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
             let mut out = Vec::with_capacity(n * qw);
             for (i, (kv, (cos, sin))) in kvs.iter_mut().zip(rots).enumerate() {
                 let (qi, ki) = (&mut q[i * qw..(i + 1) * qw], &mut k[i * kw..(i + 1) * kw]);
@@ -423,7 +426,7 @@ impl Llama {
     /// The layer on `b` rows of `xs` (`[b, hidden]`), with `attention(q, k, v)` turning the
     /// rows' projections (after any q/k norm) into the attention output `[b, heads * head_dim]`
     /// (RoPE, the cache and the attention itself are the caller's).
-    fn layer_rows<F>(&self, layer: &Layer, mut xs: Vec<f32>, b: usize, attention: F) -> Result<Vec<f32>>
+    fn layer_rows<F>(&self, layer: &Layer, mut xs: Vec<f32>, b: usize, sel: AdapterSel<'_>, attention: F) -> Result<Vec<f32>>
     where
         F: FnOnce(&mut [f32], &mut [f32], &[f32]) -> Result<Vec<f32>>,
     {
@@ -433,10 +436,10 @@ impl Llama {
         // Each product is split across the kernel team (see `nibble_quant::kernels::for_each_index`),
         // so they run one after another.
         let (mut q, mut k, v) = match &layer.qkv {
-            Qkv::Separate { q, k, v } => (q.forward_f32(&hn, b)?, k.forward_f32(&hn, b)?, v.forward_f32(&hn, b)?),
+            Qkv::Separate { q, k, v } => (q.forward_f32_sel(&hn, b, sel)?, k.forward_f32_sel(&hn, b, sel)?, v.forward_f32_sel(&hn, b, sel)?),
             Qkv::Fused(qkv) => {
                 let (qw, kw) = (self.cfg.q_width(), self.cfg.kv_width());
-                let mut parts = split_columns(&qkv.forward_f32(&hn, b)?, b, &[qw, kw, kw]).into_iter();
+                let mut parts = split_columns(&qkv.forward_f32_sel(&hn, b, sel)?, b, &[qw, kw, kw]).into_iter();
                 let mut next = || parts.next().unwrap_or_default();
                 (next(), next(), next())
             }
@@ -449,22 +452,22 @@ impl Llama {
             k = rms_norm(&k, &n.host, eps, p);
         }
         let attn = attention(&mut q, &mut k, &v)?;
-        let o = layer.o.forward_f32(&attn, b)?;
+        let o = layer.o.forward_f32_sel(&attn, b, sel)?;
         xs.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         p.round_slice(&mut xs);
 
         let hn = rms_norm(&xs, &layer.post_norm.host, eps, p);
         let (mut act, up) = match &layer.gate_up {
-            GateUp::Separate { gate, up } => (gate.forward_f32(&hn, b)?, up.forward_f32(&hn, b)?),
+            GateUp::Separate { gate, up } => (gate.forward_f32_sel(&hn, b, sel)?, up.forward_f32_sel(&hn, b, sel)?),
             GateUp::Fused(gu) => {
                 let inter = self.cfg.intermediate_size;
-                let mut parts = split_columns(&gu.forward_f32(&hn, b)?, b, &[inter, inter]).into_iter();
+                let mut parts = split_columns(&gu.forward_f32_sel(&hn, b, sel)?, b, &[inter, inter]).into_iter();
                 let mut next = || parts.next().unwrap_or_default();
                 (next(), next())
             }
         };
         silu_mul(&mut act, &up, p);
-        let down = layer.down.forward_f32(&act, b)?;
+        let down = layer.down.forward_f32_sel(&act, b, sel)?;
         xs.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         p.round_slice(&mut xs);
         Ok(xs)

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, D};
 use nibble_core::{Error, Result};
 use nibble_load::{ModelConfig, Role};
 use nibble_quant::kernels::Precision;
-use nibble_quant::{DenseLinear, QuantLinear};
+use nibble_quant::{AdapterSel, DenseLinear, QuantLinear};
 
 use host::HostKv;
 
@@ -410,17 +410,37 @@ impl Llama {
     /// Returns f32 logits `[batch, seq, vocab]` (values of the model dtype), or `[batch, 1, vocab]`
     /// for the last position only when `last_only` (generation needs no more).
     pub fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+        self.forward_sel(input_ids, offset, cache, last_only, AdapterSel::Active)
+    }
+
+    /// [`Llama::forward`] with the LoRA adapters `sel` picks (one choice per batch row, or the
+    /// active adapter for all).
+    pub fn forward_sel(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        cache: &mut KvCache,
+        last_only: bool,
+        sel: AdapterSel<'_>,
+    ) -> Result<Tensor> {
         let prefill = input_ids.dim(1).is_ok_and(|t| t > 1);
         if prefill && rayon::current_thread_index().is_none() {
             // Run a prefill on a thread of rayon's pool: its products are split across the pool,
             // and from inside it the caller takes its share instead of parking on every product.
             // A decode step's products are small and go to the kernel team from this thread.
-            return rayon::scope(|_| self.forward_here(input_ids, offset, cache, last_only));
+            return rayon::scope(|_| self.forward_here(input_ids, offset, cache, last_only, sel));
         }
-        self.forward_here(input_ids, offset, cache, last_only)
+        self.forward_here(input_ids, offset, cache, last_only, sel)
     }
 
-    fn forward_here(&self, input_ids: &Tensor, offset: usize, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+    fn forward_here(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        cache: &mut KvCache,
+        last_only: bool,
+        sel: AdapterSel<'_>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t == 0 {
             return Err(Error::invalid_argument("input_ids", "needs at least one token"));
@@ -456,21 +476,21 @@ impl Llama {
             };
             x = x.to_device(&layer.device).map_err(|e| on_device(e.into()))?;
             x = match slot {
-                Slot::Host(kv) if t == 1 => self.layer_step_host(layer, &x, &rot, kv),
+                Slot::Host(kv) if t == 1 => self.layer_step_host(layer, &x, &rot, kv, sel),
                 Slot::Empty if t == 1 && self.host_path(&layer.device) => {
                     let mut kv = self.host_kv(b, layer.window);
-                    let y = self.layer_step_host(layer, &x, &rot, &mut kv);
+                    let y = self.layer_step_host(layer, &x, &rot, &mut kv, sel);
                     *slot = Slot::Host(kv);
                     y
                 }
-                _ => self.layer_forward(layer, &x, offset, slot),
+                _ => self.layer_forward(layer, &x, offset, slot, sel),
             }
             .map_err(on_device)?;
         }
         let x = x.to_device(&self.placement.head)?;
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
         let x = self.rms_norm(&x.contiguous()?, &self.norm)?;
-        self.linear(self.lm_head.as_ref(), &x)
+        self.linear(self.lm_head.as_ref(), &x, sel)
     }
 
     /// One decode step for several sequences at once, each with its own cache (a batch of one
@@ -479,7 +499,18 @@ impl Llama {
     /// read once per step); attention runs per sequence over its own cache, with no padding.
     /// Where a layer is not on the host, the sequences step one at a time.
     pub fn decode_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        self.decode_rows_sel(tokens, caches, AdapterSel::Active)
+    }
+
+    /// [`Llama::decode_rows`] with the LoRA adapters `sel` picks: with
+    /// [`AdapterSel::Groups`], one choice per sequence.
+    pub fn decode_rows_sel(&self, tokens: &[u32], caches: &mut [&mut KvCache], sel: AdapterSel<'_>) -> Result<Tensor> {
         let n = tokens.len();
+        if let AdapterSel::Groups(g) = sel {
+            if g.len() != n {
+                return Err(Error::invalid_argument("adapters", format!("{} adapter choices for {n} sequences", g.len())));
+            }
+        }
         if n == 0 || caches.len() != n {
             return Err(Error::invalid_argument("tokens", format!("{n} tokens for {} caches", caches.len())));
         }
@@ -495,10 +526,14 @@ impl Llama {
         });
         if !host || !slots_ok {
             let mut rows = Vec::with_capacity(n);
-            for (&t, cache) in tokens.iter().zip(caches.iter_mut()) {
+            for (i, (&t, cache)) in tokens.iter().zip(caches.iter_mut()).enumerate() {
                 let ids = Tensor::new(&[[t]], &self.placement.embed)?;
                 let offset = cache.len();
-                rows.push(self.forward(&ids, offset, cache, true)?.reshape((1, self.cfg.vocab_size))?);
+                let one = match sel {
+                    AdapterSel::Groups(g) => AdapterSel::Groups(g.get(i..i + 1).unwrap_or_default()),
+                    AdapterSel::Active => AdapterSel::Active,
+                };
+                rows.push(self.forward_sel(&ids, offset, cache, true, one)?.reshape((1, self.cfg.vocab_size))?);
             }
             return Ok(Tensor::cat(&rows, 0)?);
         }
@@ -518,11 +553,11 @@ impl Llama {
                     kvs.push(kv);
                 }
             }
-            xs = self.layer_step_rows(layer, xs, &rots, &mut kvs)?;
+            xs = self.layer_step_rows(layer, xs, &rots, &mut kvs, sel)?;
         }
         let x = Tensor::from_vec(xs, (n, 1, h), &Device::Cpu)?.to_device(&self.placement.head)?;
         let x = self.rms_norm(&x, &self.norm)?;
-        Ok(self.linear(self.lm_head.as_ref(), &x)?.reshape((n, self.cfg.vocab_size))?)
+        Ok(self.linear(self.lm_head.as_ref(), &x, sel)?.reshape((n, self.cfg.vocab_size))?)
     }
 
     /// An empty host cache for a layer with attention window `window`, `batch` rows.
@@ -545,8 +580,8 @@ impl Llama {
 
     /// A linear layer on f32 activations: handed to the layer in the model dtype (exact, the
     /// values already are), its output widened back.
-    fn linear(&self, l: &dyn QuantLinear, x: &Tensor) -> Result<Tensor> {
-        Ok(l.forward(&x.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
+    fn linear(&self, l: &dyn QuantLinear, x: &Tensor, sel: AdapterSel<'_>) -> Result<Tensor> {
+        Ok(l.forward_sel(&x.to_dtype(self.dtype)?, sel)?.to_dtype(DType::F32)?)
     }
 
     /// transformers' `LlamaRMSNorm`: `w * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, in f32 with
@@ -559,22 +594,22 @@ impl Llama {
         self.round(n.broadcast_mul(&w.to_dtype(DType::F32)?)?)
     }
 
-    fn layer_forward(&self, layer: &Layer, x: &Tensor, offset: usize, cache: &mut Slot) -> Result<Tensor> {
+    fn layer_forward(&self, layer: &Layer, x: &Tensor, offset: usize, cache: &mut Slot, sel: AdapterSel<'_>) -> Result<Tensor> {
         let h = self.rms_norm(x, &layer.input_norm.weight)?;
-        let attn = self.attention(layer, &h, offset, cache)?;
+        let attn = self.attention(layer, &h, offset, cache, sel)?;
         let x = self.round((x + attn)?)?;
         let h = self.rms_norm(&x, &layer.post_norm.weight)?;
         let (gate, up) = match &layer.gate_up {
-            GateUp::Separate { gate, up } => (self.linear(gate.as_ref(), &h)?, self.linear(up.as_ref(), &h)?),
+            GateUp::Separate { gate, up } => (self.linear(gate.as_ref(), &h, sel)?, self.linear(up.as_ref(), &h, sel)?),
             GateUp::Fused(gu) => {
                 // `chunk(2, dim=-1)`: the gate is the first half.
-                let both = self.linear(gu.as_ref(), &h)?;
+                let both = self.linear(gu.as_ref(), &h, sel)?;
                 let inter = self.cfg.intermediate_size;
                 (both.narrow(D::Minus1, 0, inter)?, both.narrow(D::Minus1, inter, inter)?)
             }
         };
         let gate = self.round(candle_nn::ops::silu(&gate.contiguous()?)?)?;
-        let mlp = self.linear(layer.down.as_ref(), &self.round((gate * up.contiguous()?)?)?)?;
+        let mlp = self.linear(layer.down.as_ref(), &self.round((gate * up.contiguous()?)?)?, sel)?;
         self.round((x + mlp)?)
     }
 
@@ -605,22 +640,24 @@ impl Llama {
     }
 
     /// The q, k and v projections of `x` (`[batch, t, hidden]`), each `[batch, t, width]`.
-    fn project_qkv(&self, layer: &Layer, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn project_qkv(&self, layer: &Layer, x: &Tensor, sel: AdapterSel<'_>) -> Result<(Tensor, Tensor, Tensor)> {
         match &layer.qkv {
-            Qkv::Separate { q, k, v } => Ok((self.linear(q.as_ref(), x)?, self.linear(k.as_ref(), x)?, self.linear(v.as_ref(), x)?)),
+            Qkv::Separate { q, k, v } => {
+                Ok((self.linear(q.as_ref(), x, sel)?, self.linear(k.as_ref(), x, sel)?, self.linear(v.as_ref(), x, sel)?))
+            }
             Qkv::Fused(qkv) => {
-                let all = self.linear(qkv.as_ref(), x)?;
+                let all = self.linear(qkv.as_ref(), x, sel)?;
                 let (qw, kw) = (self.cfg.q_width(), self.cfg.kv_width());
                 Ok((all.narrow(D::Minus1, 0, qw)?, all.narrow(D::Minus1, qw, kw)?, all.narrow(D::Minus1, qw + kw, kw)?))
             }
         }
     }
 
-    fn attention(&self, layer: &Layer, x: &Tensor, offset: usize, cache: &mut Slot) -> Result<Tensor> {
+    fn attention(&self, layer: &Layer, x: &Tensor, offset: usize, cache: &mut Slot, sel: AdapterSel<'_>) -> Result<Tensor> {
         let device = &layer.device;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let (q, k, v) = self.project_qkv(layer, x)?;
+        let (q, k, v) = self.project_qkv(layer, x, sel)?;
         // `[b, t, width]` -> `[b, heads, t, head_dim]`, through the per-head norm where there is one.
         let heads = |y: Tensor, n: usize, norm: Option<&Norm>| -> Result<Tensor> {
             let y = y.contiguous()?.reshape((b, t, n, hd))?;
@@ -655,7 +692,7 @@ impl Llama {
         let sum = e.sum_keepdim(D::Minus1)?;
         let out = self.round(e.clone())?.matmul(&v)?.broadcast_div(&sum)?;
         let out = self.round(out)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.linear(layer.o.as_ref(), &out)
+        self.linear(layer.o.as_ref(), &out, sel)
     }
 }
 

@@ -331,6 +331,52 @@ pub fn fetch_config(cfg: &HubConfig, repo_id: &str, revision: &str) -> Result<Pa
     fetch(&client, &cache, &meta)
 }
 
+/// Fetches a PEFT adapter of `repo_id` at `revision` (`adapter_config.json` and
+/// `adapter_model.safetensors`, into the cache or found there) and returns its snapshot folder.
+/// A repository with only `adapter_model.bin` is refused ([`Error::PickleOnly`]).
+pub fn fetch_adapter(cfg: &HubConfig, repo_id: &str, revision: &str) -> Result<PathBuf> {
+    const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+    check_repo_id(repo_id)?;
+    check_revision(repo_id, revision)?;
+    let cache = RepoCache::new(&cfg.cache_dir, repo_id);
+    if cfg.offline {
+        let commit = cache.resolve_commit(revision);
+        let missing: Vec<String> = FILES
+            .iter()
+            .filter(|f| commit.as_ref().and_then(|c| cache.cached_file(c, f)).is_none())
+            .map(|f| f.to_string())
+            .collect();
+        return match (commit, missing.is_empty()) {
+            (Some(c), true) => Ok(cache.snapshot_dir(&c)),
+            _ => Err(Error::HubOfflineNotCached { repo: repo_id.into(), revision: revision.into(), cache: cache.dir.clone(), missing }),
+        };
+    }
+    let client = Client::new(cfg, repo_id);
+    let not_found = |file: &str, hint: &str| Error::HubFileNotFound {
+        repo: repo_id.into(),
+        revision: revision.into(),
+        file: file.into(),
+        hint: hint.into(),
+    };
+    let config = client
+        .head(FILES[0], revision)?
+        .ok_or_else(|| not_found(FILES[0], "a PEFT adapter repository has adapter_config.json"))?;
+    // The weights are asked for at the config's commit, so the two files are of one commit.
+    let commit = config.commit.clone();
+    cache.write_ref(revision, &commit)?;
+    fetch(&client, &cache, &config)?;
+    match client.head(FILES[1], &commit)? {
+        Some(meta) => {
+            fetch(&client, &cache, &meta)?;
+        }
+        None if client.head("adapter_model.bin", &commit)?.is_some() => {
+            return Err(Error::PickleOnly { source_name: repo_id.into(), file: "adapter_model.bin".into() });
+        }
+        None => return Err(not_found(FILES[1], "a PEFT adapter repository has adapter_model.safetensors")),
+    }
+    Ok(cache.snapshot_dir(&commit))
+}
+
 /// The safetensors weights: `model.safetensors`, else the index and its shards; a repo with only
 /// pickle weights is refused.
 fn fetch_weights(client: &Client<'_>, cache: &RepoCache, repo_id: &str, commit: &str) -> Result<()> {

@@ -9,7 +9,9 @@
 //! - [`hub`]: fetching a model from the Hugging Face Hub into the cache shared with Python.
 //! - [`gguf`]: a llama.cpp GGUF file: its config, its weights dequantized under Hugging Face names.
 //! - [`gguf_tokenizer`]: a GGUF file's vocabulary and merges rebuilt as a `tokenizer.json`.
+//! - [`adapter`]: PEFT LoRA adapters: `adapter_config.json` and which modules it changes.
 
+pub mod adapter;
 pub mod arch;
 pub mod config;
 pub mod generation;

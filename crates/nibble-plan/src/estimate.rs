@@ -206,6 +206,27 @@ impl Estimate {
         Ok(est)
     }
 
+    /// Adds LoRA adapter bytes to each decoder layer (`layers`: one per layer, or empty) and to
+    /// the head: an adapter lives on its layer's device.
+    ///
+    /// Errors: a list of another length, or a sum past 64 bits.
+    pub fn add_adapters(&mut self, layers: &[u64], head: u64) -> Result<()> {
+        if !layers.is_empty() && layers.len() != self.layers.len() {
+            return Err(Error::invalid_argument(
+                "adapter_layer_bytes",
+                format!("{} values for {} layers", layers.len(), self.layers.len()),
+            ));
+        }
+        for (l, a) in self.layers.iter_mut().zip(layers) {
+            *l = total("a decoder layer with its adapters", &[*l, *a])?;
+        }
+        self.head = total("the head with its adapters", &[self.head, head])?;
+        let mut terms = self.layers.clone();
+        terms.extend([self.embed, self.head, self.tied_head_copy]);
+        total("the weights", &terms)?;
+        Ok(())
+    }
+
     /// Total weight bytes with the head on the embedding's device (a tied lm_head shares the
     /// embedding then). `Estimate::new` checked that the sum fits.
     pub fn weight_bytes(&self) -> u64 {

@@ -33,6 +33,10 @@ pub struct PlanRequest {
     /// The model dtype D (resolved: transformers' `auto` is [`auto_dtype`]): everything not
     /// quantized is held, and sized, in it.
     pub dtype: DType,
+    /// LoRA adapter bytes held with each decoder layer (empty: none), on that layer's device.
+    pub adapter_layer_bytes: Vec<u64>,
+    /// LoRA adapter bytes held with `lm_head`.
+    pub adapter_head_bytes: u64,
 }
 
 impl PlanRequest {
@@ -47,6 +51,8 @@ impl PlanRequest {
             batch: 1,
             allow_cpu_offload: true,
             dtype: auto_dtype(cfg),
+            adapter_layer_bytes: Vec::new(),
+            adapter_head_bytes: 0,
         }
     }
 }
@@ -311,7 +317,8 @@ fn plan_raw(cfg: &ModelConfig, quant: &BitsAndBytesConfig, req: &PlanRequest, in
             }
         }
     }
-    let est = Estimate::new(cfg, quant, req.dtype, req.max_seq_len, req.batch)?;
+    let mut est = Estimate::new(cfg, quant, req.dtype, req.max_seq_len, req.batch)?;
+    est.add_adapters(&req.adapter_layer_bytes, req.adapter_head_bytes)?;
     let n = cfg.num_hidden_layers;
     let finish = |layers: LayerPlan| -> Result<Plan> {
         check_capability(&layers, quant, inv)?;

@@ -5,7 +5,7 @@
 //! - [`functional`]: the counterpart of `bitsandbytes.functional`: NF4/FP4 blockwise quantization with
 //!   double quantization, and LLM.int8() vector-wise quantization, bit-exact with bitsandbytes.
 //! - [`linear`]: one [`QuantLinear`] trait for every linear layer (dense, 4-bit, 8-bit), so the
-//!   model never branches on the format.
+//!   model never branches on the format, and [`LoraLinear`] puts PEFT LoRA adapters on any of them.
 //! - [`kernels`]: the CPU kernels behind them: fused 4-bit and int8 matrix products and the
 //!   vectorized quantizers, with AVX2, NEON and portable versions chosen at run time.
 
@@ -17,4 +17,4 @@ pub mod quant_state;
 
 pub use config::{BitsAndBytesConfig, ComputeDtype, ModelDtype, QuantMethod};
 pub use functional::QuantType;
-pub use linear::{convert_dtype, DenseLinear, Linear4bit, Linear8bit, QuantLinear};
+pub use linear::{convert_dtype, AdapterSel, DenseLinear, Linear4bit, Linear8bit, LoraLinear, LoraWeights, QuantLinear};

@@ -288,11 +288,21 @@ async fn metrics_text(State(state): State<Shared>, headers: HeaderMap) -> Respon
 
 async fn models(State(state): State<Shared>, headers: HeaderMap) -> Response {
     let r = match authorize(&state, &headers) {
-        Ok(()) => Json(json!({
-            "object": "list",
-            "data": [{"id": state.opts.model_name, "object": "model", "created": state.created, "owned_by": "nibble"}],
-        }))
-        .into_response(),
+        Ok(()) => {
+            let base = &state.opts.model_name;
+            let entry = |id: &str, parent: Option<&str>| {
+                let mut e = json!({"id": id, "object": "model", "created": state.created, "owned_by": "nibble"});
+                if let Some(p) = parent {
+                    e["parent"] = json!(p);
+                }
+                e
+            };
+            let mut data = vec![entry(base, None)];
+            if let Ok(ready) = ready(&state) {
+                data.extend(ready.model.adapters().iter().map(|a| entry(&format!("{base}:{a}"), Some(base))));
+            }
+            Json(json!({"object": "list", "data": data})).into_response()
+        }
         Err(e) => e.into_response(),
     };
     counted(&state, "/v1/models", r)
@@ -344,27 +354,38 @@ async fn complete(state: &Shared, req: axum::extract::Request, chat: bool) -> Re
     authorize(state, req.headers())?;
     let body = read_body(state, req).await?;
     let parsed = request::parse(&body, chat)?;
-    if let Some(m) = &parsed.model {
-        if m != &state.opts.model_name {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!("the model `{m}` does not exist; this server serves `{}`", state.opts.model_name),
-                kind: "invalid_request_error",
-                param: Some("model".into()),
-                code: Some("model_not_found"),
-            });
-        }
-    }
     let ready = ready(state)?;
+    let base = &state.opts.model_name;
+    // `<base>` runs the base alone, `<base>:<adapter>` that adapter (as vLLM names LoRA models).
+    let adapter = match parsed.model.as_deref() {
+        None => None,
+        Some(m) if m == base => None,
+        Some(m) => match m.strip_prefix(base.as_str()).and_then(|r| r.strip_prefix(':')).and_then(|a| ready.model.adapter_index(a)) {
+            Some(i) => Some(i),
+            None => {
+                let mut served = vec![format!("`{base}`")];
+                served.extend(ready.model.adapters().iter().map(|a| format!("`{base}:{a}`")));
+                return Err(ApiError {
+                    status: StatusCode::NOT_FOUND,
+                    message: format!("the model `{m}` does not exist; this server serves {}", served.join(", ")),
+                    kind: "invalid_request_error",
+                    param: Some("model".into()),
+                    code: Some("model_not_found"),
+                });
+            }
+        },
+    };
+    let model_name = parsed.model.clone().unwrap_or_else(|| base.clone());
     let field = if chat { "messages" } else { "prompt" };
     let prompt = tokenize(&ready.model, &parsed.input).map_err(|e| ApiError::from_engine(e, field))?;
     // Without max_tokens, up to the end of the context (as OpenAI's default).
     let context = ready.engine.options().context;
     let max_new = parsed.max_tokens.unwrap_or_else(|| context.saturating_sub(prompt.len()).max(1));
     let Parsed { opts, stop, presence_penalty, frequency_penalty, stream, include_usage, .. } = parsed;
-    let req = Request { prompt, opts: nibble::GenerateOptions { max_new_tokens: max_new, ..opts }, stop, presence_penalty, frequency_penalty };
+    let opts = nibble::GenerateOptions { max_new_tokens: max_new, ..opts };
+    let req = Request { prompt, opts, stop, presence_penalty, frequency_penalty, adapter };
     let ticket = ready.engine.submit(req).map_err(|e| ApiError::from_engine(e, field))?;
-    let meta = Meta { id: next_id(chat), created: now(), model: state.opts.model_name.clone(), chat };
+    let meta = Meta { id: next_id(chat), created: now(), model: model_name, chat };
     if stream {
         return Ok(stream_response(ticket, meta, include_usage, field));
     }

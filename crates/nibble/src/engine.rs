@@ -24,6 +24,7 @@ use candle_core::Tensor;
 use candle_transformers::generation::LogitsProcessor;
 use nibble_core::{Error, Result};
 use nibble_llama::KvCache;
+use nibble_quant::AdapterSel;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::{GenerateOptions, Model};
@@ -80,12 +81,15 @@ pub struct Request {
     pub presence_penalty: f32,
     /// OpenAI's `frequency_penalty`: subtracted once per earlier occurrence in the generated text.
     pub frequency_penalty: f32,
+    /// The LoRA adapter to run with, by index ([`Model::adapter_index`]); `None` runs the base
+    /// alone. Sequences with different adapters share each batched step.
+    pub adapter: Option<usize>,
 }
 
 impl Request {
-    /// A request with no stop texts and no penalties.
+    /// A request with no stop texts, no penalties and no adapter.
     pub fn new(prompt: Vec<u32>, opts: GenerateOptions) -> Self {
-        Self { prompt, opts, stop: Vec::new(), presence_penalty: 0.0, frequency_penalty: 0.0 }
+        Self { prompt, opts, stop: Vec::new(), presence_penalty: 0.0, frequency_penalty: 0.0, adapter: None }
     }
 }
 
@@ -174,6 +178,8 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     opts: EngineOptions,
     thread: Option<JoinHandle<()>>,
+    /// How many adapters the model has (a request's index is checked against it).
+    adapters: usize,
 }
 
 impl Engine {
@@ -189,6 +195,7 @@ impl Engine {
         }
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
+        let adapters = model.adapters().len();
         let sched = Scheduler {
             model,
             opts: opts.clone(),
@@ -203,7 +210,7 @@ impl Engine {
             .name("nibble-engine".into())
             .spawn(move || sched.run(rx))
             .map_err(|e| Error::io("nibble-engine thread", e))?;
-        Ok(Self { tx, stats, opts, thread: Some(thread) })
+        Ok(Self { tx, stats, opts, thread: Some(thread), adapters })
     }
 
     /// The options it runs with.
@@ -224,6 +231,11 @@ impl Engine {
         }
         if req.opts.max_new_tokens == 0 {
             return Err(Error::invalid_argument("max_new_tokens", "must be at least 1"));
+        }
+        if let Some(i) = req.adapter {
+            if i >= self.adapters {
+                return Err(Error::invalid_argument("adapter", format!("index {i}, but the model has {} adapter(s)", self.adapters)));
+            }
         }
         for (name, v) in [("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty)] {
             if !(-2.0..=2.0).contains(&v) {
@@ -298,10 +310,12 @@ struct Seq {
     finished: Option<(String, FinishReason)>,
 }
 
-/// A finished sequence's cache, kept for prefix reuse.
+/// A finished sequence's cache, kept for prefix reuse (by a sequence with the same adapter:
+/// the keys and values depend on it).
 struct Kept {
     held: Vec<u32>,
     cache: KvCache,
+    adapter: Option<usize>,
 }
 
 struct Scheduler {
@@ -401,7 +415,10 @@ impl Scheduler {
     fn start(&mut self, req: Box<Request>, events: UnboundedSender<Event>, submitted: Instant) -> Seq {
         // At least one prompt token is fed, for the logits of the first new token.
         let limit = req.prompt.len() - 1;
-        let shared = |k: &Kept| k.held.iter().zip(&req.prompt).take_while(|(a, b)| a == b).count().min(limit);
+        let shared = |k: &Kept| {
+            let n = k.held.iter().zip(&req.prompt).take_while(|(a, b)| a == b).count().min(limit);
+            if k.adapter == req.adapter { n } else { 0 }
+        };
         let best = self.kept.iter().enumerate().map(|(i, k)| (shared(k), i)).max();
         let (mut cache, mut held, mut cached) = (self.model.new_cache(), Vec::new(), 0);
         if let Some((n, i)) = best.filter(|&(n, _)| n > 0) {
@@ -439,7 +456,7 @@ impl Scheduler {
             let start = s.req.prompt.len() - s.todo;
             let n = s.todo.min(self.opts.prefill_chunk.max(1));
             let chunk = s.req.prompt[start..start + n].to_vec();
-            match model.forward_chunked(&chunk, &mut s.cache, true) {
+            match model.forward_chunked_sel(&chunk, &mut s.cache, true, AdapterSel::Groups(&[s.req.adapter])) {
                 Ok(logits) => {
                     s.held.extend_from_slice(&chunk);
                     s.todo -= n;
@@ -461,13 +478,14 @@ impl Scheduler {
         }
         let started = Instant::now();
         let tokens: Vec<u32> = rows.iter().filter_map(|&i| self.running[i].tokens.last().copied()).collect();
+        let adapters: Vec<Option<usize>> = rows.iter().filter_map(|&i| self.running.get(i).map(|s| s.req.adapter)).collect();
         let mut caches: Vec<&mut KvCache> = Vec::with_capacity(rows.len());
         for (i, s) in self.running.iter_mut().enumerate() {
             if rows.contains(&i) {
                 caches.push(&mut s.cache);
             }
         }
-        let out = model.llama().decode_rows(&tokens, &mut caches);
+        let out = model.llama().decode_rows_sel(&tokens, &mut caches, AdapterSel::Groups(&adapters));
         drop(caches);
         match out {
             Ok(logits) => {
@@ -620,7 +638,7 @@ impl Scheduler {
                 if self.kept.len() >= self.opts.reuse_slots {
                     self.kept.pop_front();
                 }
-                self.kept.push_back(Kept { held: s.held, cache: s.cache });
+                self.kept.push_back(Kept { held: s.held, cache: s.cache, adapter: s.req.adapter });
             }
         }
         self.stats.running.store(self.running.len(), Ordering::SeqCst);

@@ -23,7 +23,8 @@ use crate::staged::StagedDir;
 use safetensors::tensor::Dtype;
 use serde_json::{Map, Value};
 
-use crate::model::{build_llama, placement};
+use crate::adapter::Adapter;
+use crate::model::{build_llama, placement, Build};
 use crate::provider::{place, quantize_or_dense, quantizes};
 use crate::save::Owned;
 use crate::source::Source;
@@ -67,23 +68,23 @@ fn generation_config(tok: &GgufTokenizer) -> GenerationConfig {
 }
 
 /// Loads a GGUF file; see [`crate::from_pretrained`].
-pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant) -> Result<Model> {
+pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant, adapters: &[Adapter]) -> Result<Model> {
     let gguf = GgufFile::open(path)?;
     let cfg = gguf.config()?;
     // A GGUF has no bitsandbytes config of its own: the caller's applies as is.
     let quant = opts.quant.clone();
     let compute = quant.bnb_4bit_compute_dtype.dtype();
     let dtype = opts.dtype.resolve(|| candle_core::DType::F32);
-    let placement = placement(&cfg, opts, dtype)?;
+    let placement = placement(&cfg, opts, dtype, adapters)?;
     let tok = GgufTokenizer::from_gguf(&gguf)?;
     let tokenizer = tok.text_tokenizer(path)?;
     let generation = generation_config(&tok);
     let mut eos_ids = generation.eos_token_ids.clone();
     eos_ids.dedup();
 
-    let llama = build_llama(&cfg, &quant, placement, dtype, opts, &path.display().to_string(), started, |progress| {
-        GgufProvider { gguf: &gguf, quant: &quant, dtype, compute, progress }
-    })?;
+    let name = path.display().to_string();
+    let build = Build { cfg: &cfg, quant: &quant, placement, dtype, opts, name: &name, started, adapters };
+    let llama = build_llama(build, |progress| GgufProvider { gguf: &gguf, quant: &quant, dtype, compute, progress })?;
     Ok(Model {
         llama,
         tokenizer: Some(tokenizer),
@@ -92,6 +93,7 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant) -> Result<
         quant,
         source: Source::Gguf(path.to_path_buf()),
         context: crate::model::context_len(&cfg, opts),
+        adapters: Vec::new(),
     })
 }
 

@@ -17,6 +17,7 @@
 //! → quantize ([`BitsAndBytesConfig`], tensor by tensor) → place → run ([`Model`]). Every error
 //! is a [`nibble::Error`](Error) variant a program can match on.
 
+mod adapter;
 pub mod engine;
 mod generate;
 mod gguf;
@@ -32,6 +33,7 @@ use candle_core::Device;
 /// candle's dtype, as the model dtype and the compute dtype resolve to.
 pub use candle_core::DType;
 
+pub use adapter::AdapterSpec;
 pub use engine::{Completion, Engine, EngineOptions, Event, FinishReason, Request};
 pub use generate::{GenerateOptions, Generation, StopReason};
 pub use gguf::import_gguf;
@@ -75,6 +77,13 @@ pub struct LoadOptions {
     pub no_cpu_offload: bool,
     /// The devices to plan for; `None` queries this machine.
     pub inventory: Option<Inventory>,
+    /// PEFT LoRA adapters to put on the model (folders or Hub ids). The first is the active
+    /// one (what [`Model::generate`] and the other single-sequence calls run with); the engine
+    /// and the server pick one per request.
+    pub adapters: Vec<AdapterSpec>,
+    /// Merge the adapters into the weights as PEFT's `merge_and_unload` does (a quantized
+    /// layer is dequantized, added to and quantized again) instead of running them unmerged.
+    pub merge_adapters: bool,
 }
 
 impl LoadOptions {

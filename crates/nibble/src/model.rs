@@ -7,8 +7,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nibble_core::{Error, Result};
 use nibble_llama::{KvCache, Llama, Placement, WeightProvider};
 use nibble_load::{ChatMessage, GenerationConfig, ModelConfig, ModelFiles, TextTokenizer, Weights};
-use nibble_quant::{BitsAndBytesConfig, ModelDtype};
+use nibble_quant::{AdapterSel, BitsAndBytesConfig, ModelDtype};
 
+use crate::adapter::{self, Adapter, AdapterProvider};
 use crate::generate::{GenerateOptions, Generation, StopReason};
 use crate::provider::CheckpointProvider;
 use crate::source::{self, Source};
@@ -63,6 +64,8 @@ pub struct Model {
     pub(crate) source: Source,
     /// Positions the KV cache was planned for ([`Model::context_len`]).
     pub(crate) context: usize,
+    /// The names of the LoRA adapters on the layers, unmerged, by index.
+    pub(crate) adapters: Vec<String>,
 }
 
 /// The context a load plans for (`max_seq_len`, by default min(max_position_embeddings, 4096)),
@@ -113,24 +116,30 @@ pub(crate) fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     bar
 }
 
+/// What a load builds the decoder from, shared by every source format.
+pub(crate) struct Build<'a> {
+    pub cfg: &'a ModelConfig,
+    pub quant: &'a BitsAndBytesConfig,
+    pub placement: Placement,
+    pub dtype: DType,
+    pub opts: &'a LoadOptions,
+    /// The model's name in the log.
+    pub name: &'a str,
+    pub started: Instant,
+    /// The adapters to put on it ([`crate::adapter::open_all`]).
+    pub adapters: &'a [Adapter],
+}
+
 /// Builds the decoder through the provider `make` returns (handed the quantization progress
-/// bar), then logs what was loaded; shared by every source format.
-// Every source format passes the same eight things; a struct for one internal call adds nothing.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn build_llama<P: WeightProvider>(
-    cfg: &ModelConfig,
-    quant: &BitsAndBytesConfig,
-    placement: Placement,
-    dtype: DType,
-    opts: &LoadOptions,
-    name: &str,
-    started: Instant,
-    make: impl FnOnce(ProgressBar) -> P,
-) -> Result<Llama> {
+/// bar), with the adapters on the layers they target, then logs what was loaded.
+pub(crate) fn build_llama<P: WeightProvider>(b: Build<'_>, make: impl FnOnce(ProgressBar) -> P) -> Result<Llama> {
+    let Build { cfg, quant, placement, dtype, opts, name, started, adapters } = b;
     let linears = (cfg.layer_linears().len() * cfg.num_hidden_layers) as u64 + 1;
     let bar = progress_bar(linears, opts.progress && quant.is_quantized());
-    let mut provider = make(bar.clone());
+    let compute = quant.bnb_4bit_compute_dtype.dtype();
+    let mut provider = AdapterProvider::new(make(bar.clone()), adapters, opts.merge_adapters, quant, (dtype, compute));
     let llama = Llama::load(cfg, placement, dtype, &mut provider)?;
+    provider.report_unused();
     bar.finish_and_clear();
     tracing::info!(
         "loaded {name} ({} layers, {:?}, dtype {dtype:?}) in {:.2}s, {} weight bytes resident",
@@ -144,11 +153,13 @@ pub(crate) fn build_llama<P: WeightProvider>(
 
 /// Where each part of the model goes: the planner checks every device's budget (weights, KV
 /// cache for `opts.max_seq_len`, reserve) before any weight is read.
-pub(crate) fn placement(cfg: &ModelConfig, opts: &LoadOptions, dtype: DType) -> Result<Placement> {
+pub(crate) fn placement(cfg: &ModelConfig, opts: &LoadOptions, dtype: DType, adapters: &[Adapter]) -> Result<Placement> {
     let quant = effective_quant(cfg, &opts.quant)?;
     let inventory = opts.inventory.clone().unwrap_or_else(Inventory::detect);
     let mut request = opts.plan_request(cfg);
     request.dtype = dtype;
+    (request.adapter_layer_bytes, request.adapter_head_bytes) =
+        adapter::planned_bytes(adapters, opts.merge_adapters, cfg, &quant, dtype)?;
     let plan = nibble_plan::plan(cfg, &quant, &request, &inventory)?;
     for u in &plan.usage {
         tracing::info!(
@@ -182,20 +193,27 @@ impl Model {
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Self> {
         let started = Instant::now();
         opts.quant.validate()?;
-        match source::resolve(id, opts)? {
-            Source::Folder(files) => Self::load_folder(files, opts, started),
-            Source::Gguf(path) => crate::gguf::load(&path, opts, started),
+        let source = source::resolve(id, opts)?;
+        let adapters = adapter::open_all(opts)?;
+        adapter::check_base(&adapters, id);
+        let mut model = match source {
+            Source::Folder(files) => Self::load_folder(files, opts, started, &adapters)?,
+            Source::Gguf(path) => crate::gguf::load(&path, opts, started, &adapters)?,
+        };
+        if !opts.merge_adapters {
+            model.adapters = adapters.into_iter().map(|a| a.name).collect();
         }
+        Ok(model)
     }
 
     /// Loads a Hugging Face folder.
-    fn load_folder(files: ModelFiles, opts: &LoadOptions, started: Instant) -> Result<Self> {
+    fn load_folder(files: ModelFiles, opts: &LoadOptions, started: Instant, adapters: &[Adapter]) -> Result<Self> {
         let cfg = ModelConfig::from_file(&files.config)?;
         let quant = effective_quant(&cfg, &opts.quant)?;
         let compute = quant.bnb_4bit_compute_dtype.dtype();
         let weights = Weights::open(&files.weights)?;
         let dtype = resolve_dtype(opts.dtype, &cfg, &weights);
-        let placement = placement(&cfg, opts, dtype)?;
+        let placement = placement(&cfg, opts, dtype, adapters)?;
 
         let tokenizer = match &files.tokenizer {
             Some(t) => Some(TextTokenizer::from_files(
@@ -217,11 +235,11 @@ impl Model {
         eos_ids.dedup();
 
         let name = files.dir.display().to_string();
-        let llama = build_llama(&cfg, &quant, placement, dtype, opts, &name, started, |progress| {
-            CheckpointProvider { weights: &weights, quant: &quant, dtype, compute, progress }
-        })?;
+        let build = Build { cfg: &cfg, quant: &quant, placement, dtype, opts, name: &name, started, adapters };
+        let llama = build_llama(build, |progress| CheckpointProvider { weights: &weights, quant: &quant, dtype, compute, progress })?;
         let context = context_len(&cfg, opts);
-        Ok(Self { llama, tokenizer, generation, eos_ids, quant, source: Source::Folder(files), context })
+        let source = Source::Folder(files);
+        Ok(Self { llama, tokenizer, generation, eos_ids, quant, source, context, adapters: Vec::new() })
     }
 
     /// Positions the KV cache was planned for (`LoadOptions::max_seq_len`, by default
@@ -229,6 +247,18 @@ impl Model {
     /// the prompt and the new tokens fill it ([`StopReason::ContextFull`]).
     pub fn context_len(&self) -> usize {
         self.context
+    }
+
+    /// The names of the LoRA adapters loaded unmerged, by index (the first is the active one:
+    /// [`Model::generate`] and the other single-sequence calls run with it). Empty when none
+    /// was loaded, or when they were merged into the weights.
+    pub fn adapters(&self) -> &[String] {
+        &self.adapters
+    }
+
+    /// The index of the adapter named `name`.
+    pub fn adapter_index(&self, name: &str) -> Option<usize> {
+        self.adapters.iter().position(|a| a == name)
     }
 
     /// The model's configuration.
@@ -316,10 +346,15 @@ impl Model {
     /// planner's activation reserve assumes), extending `cache`. Returns logits `[seq, vocab]`, or
     /// `[1, vocab]` for the last position when `last_only`.
     pub(crate) fn forward_chunked(&self, ids: &[u32], cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+        self.forward_chunked_sel(ids, cache, last_only, AdapterSel::Active)
+    }
+
+    /// [`Model::forward_chunked`] with the adapter `sel` picks.
+    pub(crate) fn forward_chunked_sel(&self, ids: &[u32], cache: &mut KvCache, last_only: bool, sel: AdapterSel<'_>) -> Result<Tensor> {
         let mut outputs = Vec::new();
         for chunk in ids.chunks(PREFILL_CHUNK) {
             let input = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?;
-            let logits = self.llama.forward(&input, cache.len(), cache, last_only)?.squeeze(0)?;
+            let logits = self.llama.forward_sel(&input, cache.len(), cache, last_only, sel)?.squeeze(0)?;
             if last_only {
                 outputs.clear();
             }

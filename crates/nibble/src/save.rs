@@ -117,6 +117,18 @@ impl Model {
     /// `dir` must not exist or be empty. The folder is written under a temporary name next to
     /// it and renamed when complete, so a process killed halfway leaves no folder that loads.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        if !self.adapters.is_empty() {
+            // The bitsandbytes layout has no place for unmerged adapters: saving the base alone
+            // would silently drop them.
+            return Err(Error::invalid_argument(
+                "adapters",
+                format!(
+                    "the model runs {} unmerged LoRA adapter(s); load it with merge_adapters (--merge-adapter) to save \
+                     the merged weights",
+                    self.adapters.len()
+                ),
+            ));
+        }
         let staged = StagedDir::new(dir.as_ref(), "save")?;
         self.write_folder(staged.path())?;
         staged.commit()

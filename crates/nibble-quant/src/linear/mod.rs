@@ -1,4 +1,5 @@
-//! Linear layers: one trait, three formats (dense, 4-bit, LLM.int8()).
+//! Linear layers: one trait, three formats (dense, 4-bit, LLM.int8()), each with or without
+//! LoRA adapters ([`LoraLinear`]).
 //!
 //! The model holds `Box<dyn QuantLinear>` for every projection and never asks which format it is.
 
@@ -10,8 +11,10 @@ use crate::functional::{self, Element, Packed4bit, QuantType};
 use crate::kernels::{self, Matrix4bit, Precision, Rounding};
 
 mod int8;
+mod lora;
 
 pub use int8::Linear8bit;
+pub use lora::{AdapterSel, LoraLinear, LoraWeights};
 
 /// A linear layer `y = x W^T (+ b)` whatever the weight's storage.
 pub trait QuantLinear: std::fmt::Debug + Send + Sync {
@@ -41,6 +44,21 @@ pub trait QuantLinear: std::fmt::Debug + Send + Sync {
     /// results are the same as `forward`'s.
     fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         forward_f32_via_tensor(self, x, rows)
+    }
+    /// [`QuantLinear::forward`] with the LoRA adapters `sel` picks for each group of rows (a
+    /// layer without adapters ignores it).
+    fn forward_sel(&self, x: &Tensor, sel: AdapterSel<'_>) -> Result<Tensor> {
+        let _ = sel;
+        self.forward(x)
+    }
+    /// [`QuantLinear::forward_f32`] with the LoRA adapters `sel` picks.
+    fn forward_f32_sel(&self, x: &[f32], rows: usize, sel: AdapterSel<'_>) -> Result<Vec<f32>> {
+        let _ = sel;
+        self.forward_f32(x, rows)
+    }
+    /// Bytes of LoRA adapter weights the layer holds (part of [`QuantLinear::resident_bytes`]).
+    fn adapter_bytes(&self) -> usize {
+        0
     }
 }
 

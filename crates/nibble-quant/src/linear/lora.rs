@@ -1,0 +1,302 @@
+//! LoRA on any linear format, unmerged: `y = base(x) + scale · B(A x)`, as PEFT's `lora.Linear`
+//! (and its bitsandbytes variants) compute it. The base runs as it always does (the fused 4-bit
+//! and int8 kernels untouched, never dequantized for the adapter); A and B run in the adapter
+//! dtype. Several adapters can sit on one layer, and each group of rows (each sequence of a
+//! batch) picks its own ([`AdapterSel`]).
+
+use candle_core::{DType, Device, Tensor};
+use nibble_core::{Error, Result};
+
+use super::{LinearStorage, QuantLinear};
+use crate::kernels::{self, Precision};
+
+/// Which adapter the rows of an activation run with.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum AdapterSel<'a> {
+    /// Every row with the first adapter loaded (PEFT's active adapter), or the base alone when
+    /// none is.
+    #[default]
+    Active,
+    /// The rows split into `groups.len()` equal runs (the sequences of a batch, in order); run
+    /// `i` uses adapter `groups[i]`, `None` the base alone.
+    Groups(&'a [Option<usize>]),
+}
+
+/// One adapter's matrices on one layer: `lora_A` `[r, in]`, `lora_B` `[out, r]` and the scale.
+#[derive(Debug)]
+pub struct LoraWeights {
+    /// `lora_A` row-major, values of the adapter dtype.
+    a: Vec<f32>,
+    /// `lora_B` row-major, values of the adapter dtype.
+    b: Vec<f32>,
+    /// The same matrices on a device other than the CPU, in the adapter dtype.
+    on_device: Option<(Tensor, Tensor)>,
+    r: usize,
+    scale: f32,
+    dtype: DType,
+}
+
+impl LoraWeights {
+    /// `a` `[r, in]` and `b` `[out, r]` (any float dtype), held in `dtype` (the adapter dtype:
+    /// PEFT casts the adapter to a float base weight's dtype and leaves it in f32 over a
+    /// quantized one) on `device`, with the factor `scale` (`alpha / r`, or `alpha / √r`).
+    pub fn new(a: &Tensor, b: &Tensor, scale: f64, dtype: DType, device: &Device) -> Result<Self> {
+        let (r, _) = a.dims2()?;
+        let (_, rb) = b.dims2()?;
+        if rb != r {
+            return Err(Error::invalid_argument("lora_B", format!("has {rb} columns for lora_A's {r} rows")));
+        }
+        if Precision::from_dtype(dtype).is_none() {
+            return Err(Error::invalid_argument("dtype", format!("{dtype:?} is not an adapter dtype")));
+        }
+        let host = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+        };
+        let on_device = if device.is_cpu() {
+            None
+        } else {
+            Some((a.to_dtype(dtype)?.to_device(device)?, b.to_dtype(dtype)?.to_device(device)?))
+        };
+        // torch multiplies by a Python float in the tensor's op math: f32.
+        Ok(Self { a: host(a)?, b: host(b)?, on_device, r, scale: scale as f32, dtype })
+    }
+
+    /// The rank.
+    pub fn rank(&self) -> usize {
+        self.r
+    }
+
+    /// Bytes held: both matrices in the adapter dtype.
+    pub fn bytes(&self) -> usize {
+        (self.a.len() + self.b.len()) * self.dtype.size_in_bytes()
+    }
+
+    fn precision(&self) -> Precision {
+        Precision::from_dtype(self.dtype).unwrap_or(Precision::F32)
+    }
+
+    /// `scale · B(A x)` for `rows` rows of `x` (`in` values each), each step rounded to the
+    /// adapter dtype as torch's `nn.Linear` and multiply return it.
+    fn delta_host(&self, x: &[f32], rows: usize, n_in: usize, n_out: usize) -> Result<Vec<f32>> {
+        let p = self.precision();
+        let mut xr = x.to_vec();
+        p.round_slice(&mut xr);
+        let mut h = matmul_t(&xr, rows, n_in, &self.a, self.r)?;
+        p.round_slice(&mut h);
+        let mut d = matmul_t(&h, rows, self.r, &self.b, n_out)?;
+        p.round_slice(&mut d);
+        d.iter_mut().for_each(|v| *v = p.round(*v * self.scale));
+        Ok(d)
+    }
+
+    /// The dense update `scale · B A` (`[out, in]`, f32), as PEFT's `get_delta_weight` computes
+    /// it: the product in f32, scaled, rounded to the adapter dtype.
+    pub fn delta_weight(&self, n_in: usize, n_out: usize) -> Result<Tensor> {
+        let p = self.precision();
+        let b = Tensor::from_slice(&self.b, (n_out, self.r), &Device::Cpu)?;
+        let a = Tensor::from_slice(&self.a, (self.r, n_in), &Device::Cpu)?;
+        let mut d: Vec<f32> = b.matmul(&a)?.flatten_all()?.to_vec1()?;
+        d.iter_mut().for_each(|v| *v = p.round(*v * self.scale));
+        Ok(Tensor::from_vec(d, (n_out, n_in), &Device::Cpu)?)
+    }
+}
+
+/// Rows up to which the adapter's products run in plain loops; more (a prefill) go to candle's
+/// blocked matmul.
+const LOOP_MAX_ROWS: usize = 16;
+
+/// `x [rows, k] · w^T` for `w [n, k]`, f32 accumulation.
+fn matmul_t(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Result<Vec<f32>> {
+    if rows > LOOP_MAX_ROWS {
+        let xt = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
+        let wt = Tensor::from_slice(w, (n, k), &Device::Cpu)?;
+        return Ok(xt.matmul(&wt.t()?)?.flatten_all()?.to_vec1()?);
+    }
+    let mut out = Vec::with_capacity(rows * n);
+    for xr in x.chunks_exact(k.max(1)).take(rows) {
+        out.extend(w.chunks_exact(k.max(1)).take(n).map(|wr| kernels::dot_f32(xr, wr)));
+    }
+    Ok(out)
+}
+
+/// A linear layer with LoRA adapters on it, unmerged.
+#[derive(Debug)]
+pub struct LoraLinear {
+    base: Box<dyn QuantLinear>,
+    /// By adapter index; `None` where that adapter leaves this layer alone.
+    adapters: Vec<Option<LoraWeights>>,
+    /// The model dtype: the base's output and the sum are of it.
+    act: Precision,
+}
+
+impl LoraLinear {
+    /// Puts `adapters` (by adapter index) on `base`, whose activations are of `act_dtype`.
+    ///
+    /// Errors: an adapter whose matrices do not fit the base's shape.
+    pub fn new(base: Box<dyn QuantLinear>, adapters: Vec<Option<LoraWeights>>, act_dtype: DType) -> Result<Self> {
+        for w in adapters.iter().flatten() {
+            if w.a.len() != w.r * base.in_features() || w.b.len() != w.r * base.out_features() {
+                return Err(Error::invalid_argument(
+                    "adapter",
+                    format!("rank-{} matrices do not fit a [{}, {}] layer", w.r, base.out_features(), base.in_features()),
+                ));
+            }
+        }
+        Ok(Self { base, adapters, act: Precision::from_dtype(act_dtype).unwrap_or(Precision::F32) })
+    }
+
+    /// The base layer.
+    pub fn base(&self) -> &dyn QuantLinear {
+        self.base.as_ref()
+    }
+
+    /// The adapter with index `i` on this layer, if it targets it.
+    pub fn adapter(&self, i: usize) -> Option<&LoraWeights> {
+        self.adapters.get(i).and_then(Option::as_ref)
+    }
+
+    /// The adapter each of `groups` runs of rows uses.
+    fn groups<'s>(&'s self, sel: AdapterSel<'_>, rows: usize) -> Result<Vec<(usize, Option<&'s LoraWeights>)>> {
+        let pick = |i: Option<usize>| i.and_then(|i| self.adapter(i));
+        match sel {
+            AdapterSel::Active => Ok(vec![(rows, pick(Some(0)))]),
+            AdapterSel::Groups(g) => {
+                if g.is_empty() || rows % g.len() != 0 {
+                    return Err(Error::invalid_argument(
+                        "adapters",
+                        format!("{} adapter choices for {rows} rows", g.len()),
+                    ));
+                }
+                Ok(g.iter().map(|&i| (rows / g.len(), pick(i))).collect())
+            }
+        }
+    }
+
+    /// Adds each group's update to the base output `y` (`rows x out`, values of the model
+    /// dtype): the update cast to the model dtype, then the sum rounded to it (`result + output`).
+    fn add_deltas(&self, x: &[f32], y: &mut [f32], rows: usize, sel: AdapterSel<'_>) -> Result<()> {
+        let (n_in, n_out) = (self.base.in_features(), self.base.out_features());
+        let mut row = 0;
+        for (n, w) in self.groups(sel, rows)? {
+            if let Some(w) = w {
+                let xs = x.get(row * n_in..(row + n) * n_in).ok_or_else(|| Error::invalid_argument("x", "too few values"))?;
+                let d = w.delta_host(xs, n, n_in, n_out)?;
+                let ys = y.get_mut(row * n_out..(row + n) * n_out).ok_or_else(|| Error::invalid_argument("y", "too few values"))?;
+                for (y, d) in ys.iter_mut().zip(d) {
+                    *y = self.act.round(*y + self.act.round(d));
+                }
+            }
+            row += n;
+        }
+        Ok(())
+    }
+}
+
+impl QuantLinear for LoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_sel(x, AdapterSel::Active)
+    }
+    fn forward_sel(&self, x: &Tensor, sel: AdapterSel<'_>) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let dims = y.dims().to_vec();
+        let rows: usize = dims.iter().rev().skip(1).product();
+        if x.device().is_cpu() {
+            let xf: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let mut yf: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            self.add_deltas(&xf, &mut yf, rows, sel)?;
+            return Ok(Tensor::from_vec(yf, dims, &Device::Cpu)?.to_dtype(y.dtype())?);
+        }
+        // On a GPU: the same steps with candle's ops, group by group along the rows.
+        let (n_in, n_out) = (self.base.in_features(), self.base.out_features());
+        let x2 = x.reshape((rows, n_in))?;
+        let y2 = y.reshape((rows, n_out))?;
+        let mut parts = Vec::new();
+        let mut row = 0;
+        for (n, w) in self.groups(sel, rows)? {
+            let yg = y2.narrow(0, row, n)?;
+            parts.push(match w {
+                Some(w) => {
+                    let (a, b) = w.on_device.as_ref().ok_or_else(|| Error::invalid_argument("adapter", "not on the layer's device"))?;
+                    let xg = x2.narrow(0, row, n)?.to_dtype(w.dtype)?;
+                    let d = (xg.matmul(&a.t()?)?.matmul(&b.t()?)? * f64::from(w.scale))?;
+                    (yg + d.to_dtype(y.dtype())?)?
+                }
+                None => yg,
+            });
+            row += n;
+        }
+        Ok(Tensor::cat(&parts, 0)?.reshape(dims)?)
+    }
+    fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.forward_f32_sel(x, rows, AdapterSel::Active)
+    }
+    fn forward_f32_sel(&self, x: &[f32], rows: usize, sel: AdapterSel<'_>) -> Result<Vec<f32>> {
+        let mut y = self.base.forward_f32(x, rows)?;
+        self.add_deltas(x, &mut y, rows, sel)?;
+        Ok(y)
+    }
+    fn in_features(&self) -> usize {
+        self.base.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.base.out_features()
+    }
+    fn resident_bytes(&self) -> usize {
+        self.base.resident_bytes() + self.adapter_bytes()
+    }
+    fn adapter_bytes(&self) -> usize {
+        self.adapters.iter().flatten().map(LoraWeights::bytes).sum()
+    }
+    fn format(&self) -> &'static str {
+        self.base.format()
+    }
+    fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
+        self.base.dequantized_weight(dtype)
+    }
+    fn storage(&self) -> LinearStorage<'_> {
+        self.base.storage()
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.base.bias()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DenseLinear;
+
+    #[test]
+    fn the_update_is_scale_b_a_x_and_each_group_picks_its_adapter() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec((0..12).map(|i| i as f32 * 0.1).collect::<Vec<_>>(), (3, 4), &dev)?;
+        let a = Tensor::from_vec(vec![1f32, 0., 0., 1., 0., 1., 1., 0.], (2, 4), &dev)?;
+        let b = Tensor::from_vec(vec![1f32, 2., 0., 1., -1., 0.], (3, 2), &dev)?;
+        let lora = LoraWeights::new(&a, &b, 0.5, DType::F32, &dev)?;
+        let layer = LoraLinear::new(Box::new(DenseLinear::new(w.clone(), None)?), vec![None, Some(lora)], DType::F32)?;
+        let x = Tensor::from_vec(vec![1f32, 2., 3., 4., -1., 0., 1., 2.], (2, 4), &dev)?;
+        let base = x.matmul(&w.t()?)?;
+        let expect = (&base + ((x.matmul(&a.t()?)?.matmul(&b.t()?))? * 0.5)?)?;
+        let close = |t: &Tensor, u: &Tensor| -> Result<f32> { Ok((t - u)?.abs()?.max_all()?.to_scalar::<f32>()?) };
+        // Adapter 0 is not on this layer: the active adapter leaves it as the base.
+        assert!(close(&layer.forward(&x)?, &base)? < 1e-6);
+        let both = layer.forward_sel(&x, AdapterSel::Groups(&[Some(1)]))?;
+        assert!(close(&both, &expect)? < 1e-5);
+        let mixed = layer.forward_f32_sel(&x.flatten_all()?.to_vec1()?, 2, AdapterSel::Groups(&[None, Some(1)]))?;
+        let mixed = Tensor::from_vec(mixed, (2, 3), &dev)?;
+        assert!(close(&mixed.narrow(0, 0, 1)?, &base.narrow(0, 0, 1)?)? < 1e-6);
+        assert!(close(&mixed.narrow(0, 1, 1)?, &expect.narrow(0, 1, 1)?)? < 1e-5);
+        assert!(layer.forward_f32_sel(&[0.0; 12], 3, AdapterSel::Groups(&[None, None])).is_err());
+        assert_eq!(layer.adapter_bytes(), (8 + 6) * 4);
+        Ok(())
+    }
+
+    #[test]
+    fn a_rank_that_does_not_fit_is_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((3, 4), DType::F32, &dev)?;
+        let lora = LoraWeights::new(&Tensor::zeros((2, 5), DType::F32, &dev)?, &Tensor::zeros((3, 2), DType::F32, &dev)?, 1.0, DType::F32, &dev)?;
+        assert!(LoraLinear::new(Box::new(DenseLinear::new(w, None)?), vec![Some(lora)], DType::F32).is_err());
+        Ok(())
+    }
+}
