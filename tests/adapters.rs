@@ -47,6 +47,7 @@ fn unmerged_over_the_f32_base_matches_peft() {
         assert_eq!(model.adapters(), [a.to_string()]);
         let ids = ids_of(&lora_ref(a, "input_ids"));
         let d = max_abs_diff(&model.logits(&ids).unwrap(), &lora_ref(a, "logits_f32_lora"));
+        eprintln!("{a} f32 unmerged: max abs diff {d:e}");
         assert!(d < 1e-4, "{a}: max abs diff {d} >= 1e-4");
         // The adapter changes the outputs: the base alone is far from them.
         let base = nibble::from_pretrained(&tiny_model(), BitsAndBytesConfig::none(), nibble::DeviceMap::Cpu).unwrap();
@@ -61,6 +62,7 @@ fn merged_matches_merge_and_unload() {
         assert!(model.adapters().is_empty(), "merged adapters are part of the weights");
         let ids = ids_of(&lora_ref(a, "input_ids"));
         let d = max_abs_diff(&model.logits(&ids).unwrap(), &lora_ref(a, "logits_f32_merged"));
+        eprintln!("{a} f32 merged: max abs diff {d:e}");
         assert!(d < 1e-4, "{a}: max abs diff {d} >= 1e-4");
     }
 }
@@ -71,6 +73,7 @@ fn unmerged_over_the_nf4_base_matches_qlora() {
         let model = load(BitsAndBytesConfig::nf4(), &[a], false).unwrap();
         let ids = ids_of(&lora_ref(a, "input_ids"));
         let d = max_abs_diff(&model.logits(&ids).unwrap(), &lora_ref(a, "logits_nf4_lora"));
+        eprintln!("{a} nf4 unmerged: max abs diff {d:e}");
         assert!(d < 2e-3, "{a}: max abs diff {d} >= 2e-3");
         let expected = ids_of(&lora_ref(a, "greedy_nf4_lora"));
         let mut opts = GenerateOptions::greedy(expected.len() - ids.len());
@@ -92,6 +95,7 @@ fn perplexity_with_an_adapter_matches_peft() {
             let expected = figures[key].as_f64().unwrap();
             let ppl = load(quant, &[a], false).unwrap().perplexity(&text, 256).unwrap();
             let rel = (ppl - expected).abs() / expected;
+            eprintln!("{a} {key}: perplexity {ppl} vs {expected} (rel {rel:e})");
             assert!(rel < 1e-3, "{a} {key}: perplexity {ppl} vs {expected} (rel {rel})");
         }
     }

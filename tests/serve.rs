@@ -236,3 +236,43 @@ fn a_disconnected_stream_is_freed() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn adapters_are_served_side_by_side() {
+    let lora = |n: &str| nibble::AdapterSpec { name: n.into(), source: fixture("lora").join(n).display().to_string() };
+    let opts = LoadOptions { quant: BitsAndBytesConfig::nf4(), adapters: vec![lora("lora-qv"), lora("lora-all-linear")], ..LoadOptions::default() };
+    let r = Running::start(None, 64, 1 << 20, 256, move || Model::load(&tiny_model(), &opts));
+    let (status, body) = http(&r, "GET", "/v1/models", None, &[]);
+    assert_eq!(status, 200);
+    let ids: Vec<String> = serde_json::from_str::<Value>(&body).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["tiny", "tiny:lora-qv", "tiny:lora-all-linear"]);
+    let names = ["tiny", "tiny:lora-qv", "tiny:lora-all-linear"];
+    let body = |m: &str| json!({"model": m, "prompt": "This program is free software", "max_tokens": 12, "temperature": 0});
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("{v}")).to_string();
+    let alone: Vec<String> = names.iter().map(|m| text(&post(&r, "/v1/completions", &body(m)).1)).collect();
+    assert_ne!(alone[0], alone[1]);
+    assert_ne!(alone[1], alone[2]);
+    // Each adapter's answer is the one a model loaded with that adapter alone gives.
+    for (i, a) in ["lora-qv", "lora-all-linear"].iter().enumerate() {
+        let opts = LoadOptions { quant: BitsAndBytesConfig::nf4(), adapters: vec![lora(a)], ..LoadOptions::default() };
+        let one = Model::load(&tiny_model(), &opts).unwrap();
+        let g = one.generate_text("This program is free software", &nibble::GenerateOptions::greedy(12), |_| {}).unwrap();
+        assert_eq!(alone[i + 1], g.text, "{a}");
+    }
+    // All at once, twice over, batched in the same steps: the same answers.
+    let server = &r;
+    let together: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = names.iter().chain(&names).map(|m| s.spawn(move || text(&post(server, "/v1/completions", &body(m)).1))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, t) in together.iter().enumerate() {
+        assert_eq!(t, &alone[i % 3], "{}", names[i % 3]);
+    }
+    let (status, err) = post(&r, "/v1/completions", &body("tiny:nope"));
+    assert_eq!((status, err["error"]["code"].as_str()), (404, Some("model_not_found")));
+}

@@ -30,6 +30,9 @@ pub struct Spec {
     pub decode: usize,
     /// Prompt length of the prefill measurement.
     pub prefill: usize,
+    /// For nibble: a PEFT LoRA adapter folder to run unmerged on top.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
 }
 
 /// What was measured.
@@ -103,6 +106,11 @@ fn run_nibble(spec: &Spec) -> Result<Measured> {
         dtype,
         device_map: DeviceMap::Cpu,
         max_seq_len: Some(spec.prefill.max(spec.decode + 8) + 16),
+        adapters: spec
+            .adapter
+            .iter()
+            .map(|p| nibble::AdapterSpec { name: "bench".into(), source: p.display().to_string() })
+            .collect(),
         ..LoadOptions::default()
     };
     let path = spec.path.to_str().context("model path is not UTF-8")?;

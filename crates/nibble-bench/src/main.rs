@@ -73,6 +73,13 @@ struct Args {
     /// Size of the bandwidth test buffer, MiB.
     #[arg(long, default_value_t = 1024)]
     bandwidth_mib: usize,
+    /// Only compare SmolLM2 NF4 decode and prefill with and without a random rank-`--lora-rank`
+    /// LoRA adapter on every linear layer (issue 16's target: within 15% of the base).
+    #[arg(long)]
+    lora: bool,
+    /// The adapter rank of `--lora`.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
     /// Internal: run one measurement (JSON `Spec`) and print its JSON result.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -97,6 +104,9 @@ fn main() -> Result<()> {
     let machine = Machine::detect();
     eprintln!("machine: {} ({} threads, {}), kernels {}", machine.cpu, machine.threads, machine.flags, machine.kernels);
     eprintln!("load average: {}", machine.loadavg);
+    if args.lora {
+        return lora_report(&args, &machine);
+    }
     let (bw1, bw_all) = machine::read_bandwidth(args.bandwidth_mib << 20, 5);
     eprintln!("read bandwidth: {:.1} GB/s (1 thread), {:.1} GB/s (all threads)", bw1 / 1e9, bw_all / 1e9);
     let quant = micro::quantize_throughput()?;
@@ -211,8 +221,58 @@ fn warm_page_cache(path: &Path) {
     }
 }
 
+/// `--lora`: SmolLM2 NF4 with and without a random adapter on every linear layer, measured in
+/// turns (base, adapter, base, adapter) so that drift in the machine's speed hits both alike;
+/// the best of each is reported.
+fn lora_report(args: &Args, machine: &Machine) -> Result<()> {
+    if !args.model.join("config.json").is_file() {
+        bail!("{} is missing; run models/fetch-smollm2.sh", args.model.display());
+    }
+    let temp = std::env::temp_dir().join(format!("nibble-bench-lora-{}", std::process::id()));
+    let cfg = nibble::ModelConfig::from_file(args.model.join("config.json"))?;
+    synth::write_random_lora(&temp, &cfg, args.lora_rank)?;
+    let mut best: [Option<Measured>; 2] = [None, None];
+    for round in 0..4 {
+        let i = round % 2;
+        let label = if i == 0 { "NF4" } else { "NF4 + LoRA" };
+        let adapter = (i == 1).then(|| temp.clone());
+        let row = measure_with("SmolLM2-135M", label, "nibble", &args.model, "nf4", args, adapter);
+        let m = row.result.map_err(anyhow::Error::msg)?;
+        let keep = best[i].as_ref().is_none_or(|b| m.decode_tps > b.decode_tps);
+        if keep {
+            best[i] = Some(m);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&temp);
+    let (Some(base), Some(lora)) = (&best[0], &best[1]) else { bail!("no measurement") };
+    let mut out = String::new();
+    writeln!(out, "Machine: {} ({} threads, {}), kernels {}; load average at the start {}.", machine.cpu, machine.threads, machine.flags, machine.kernels, machine.loadavg)?;
+    writeln!(out, "SmolLM2-135M-Instruct NF4 (compute f32), a random rank-{} adapter on all {} linear layers of the decoder, unmerged; {} decode tokens, {} prefill tokens; best of two child runs each, alternated.\n", args.lora_rank, cfg.num_hidden_layers * cfg.layer_linears().len(), args.decode_tokens, args.prefill_tokens)?;
+    writeln!(out, "| | decode tok/s | prefill tok/s | resident weights |")?;
+    writeln!(out, "|---|---|---|---|")?;
+    for (name, m) in [("NF4", base), ("NF4 + LoRA", lora)] {
+        writeln!(out, "| {name} | {:.1} | {:.1} | {:.1} MiB |", m.decode_tps, m.prefill_tps, mib(m.resident_bytes))?;
+    }
+    writeln!(
+        out,
+        "| ratio | {:.3} | {:.3} | |",
+        lora.decode_tps / base.decode_tps.max(1e-9),
+        lora.prefill_tps / base.prefill_tps.max(1e-9)
+    )?;
+    println!("{out}");
+    if let Some(p) = &args.out {
+        std::fs::write(p, &out)?;
+    }
+    Ok(())
+}
+
 /// Runs one measurement in a child process.
 fn measure(model: &str, system: &str, kind: &str, path: &Path, config: &str, args: &Args) -> Row {
+    measure_with(model, system, kind, path, config, args, None)
+}
+
+/// [`measure`] with a LoRA adapter folder on top (nibble only).
+fn measure_with(model: &str, system: &str, kind: &str, path: &Path, config: &str, args: &Args, adapter: Option<PathBuf>) -> Row {
     eprintln!("measuring {model} / {system}");
     let spec = Spec {
         system: kind.into(),
@@ -220,6 +280,7 @@ fn measure(model: &str, system: &str, kind: &str, path: &Path, config: &str, arg
         config: config.into(),
         decode: args.decode_tokens,
         prefill: args.prefill_tokens,
+        adapter,
     };
     let result = (|| -> Result<Measured> {
         let exe = std::env::current_exe()?;

@@ -202,3 +202,31 @@ pub fn requantize_gguf(src: &Path, dst: &Path, dtype: GgmlDType) -> Result<()> {
     w.flush()?;
     Ok(())
 }
+
+/// Writes a PEFT LoRA adapter of rank `r` on every linear layer of the decoder of `cfg` into
+/// `dir` (`adapter_config.json`, `adapter_model.safetensors` with PEFT's tensor names), with
+/// small random f32 matrices: what a trained adapter costs to run, whatever its values.
+pub fn write_random_lora(dir: &Path, cfg: &nibble::ModelConfig, r: usize) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let specs = cfg.layer_linears();
+    let names: Vec<&str> = specs.iter().map(|s| s.name.rsplit('.').next().unwrap_or(&s.name)).collect();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": names, "bias": "none",
+        "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "use_dora": false, "use_rslora": false,
+    });
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec_pretty(&config)?)?;
+    let mut tensors = std::collections::HashMap::new();
+    let mut index = 0usize;
+    for layer in 0..cfg.num_hidden_layers {
+        for s in &specs {
+            let module = format!("base_model.model.model.layers.{layer}.{}", s.name);
+            for (part, shape) in [("lora_A", (r, s.in_features)), ("lora_B", (s.out_features, r))] {
+                let v: Vec<f32> = tensor_values(index, shape.0 * shape.1, false).iter().map(|x| x.to_f32()).collect();
+                index += 1;
+                tensors.insert(format!("{module}.{part}.weight"), candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?);
+            }
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    Ok(())
+}

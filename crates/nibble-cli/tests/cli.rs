@@ -105,6 +105,17 @@ fn perplexity_fp4_matches_reference() {
 }
 
 #[test]
+fn perplexity_with_an_adapter_matches_peft() {
+    // peft 0.21.2's figures (tests/fixtures/lora/*/ppl.json).
+    let qv = workspace().join("tests/fixtures/lora/lora-qv").to_string_lossy().into_owned();
+    let all = workspace().join("tests/fixtures/lora/lora-all-linear").to_string_lossy().into_owned();
+    assert_close(perplexity(&["--quant", "nf4", "--adapter", &qv]), 774.784_606_933_593_8, "nf4 + lora-qv");
+    assert_close(perplexity(&["--quant", "none", "--adapter", &format!("all={all}")]), 755.224_182_128_906_2, "lora-all-linear");
+    // Merged into the f32 base, the figure is the unmerged one (merge_and_unload is exact there).
+    assert_close(perplexity(&["--quant", "none", "--adapter", &qv, "--merge-adapter"]), 788.274_597_167_968_8, "merged lora-qv");
+}
+
+#[test]
 fn chat_one_shot_prints_a_reply() {
     let model = tiny_model();
     let out = nibble(&["chat", "--model", &model, "--prompt", "hi", "--max-tokens", "4", "--temperature", "0"]);
