@@ -171,6 +171,11 @@ fn adapters_are_counted_and_unmerged_ones_are_not_saved() {
     let qv = 8 * ((h + h) + (kv + h));
     let all = 4 * ((h + h) + 2 * (kv + h) + (h + h) + 2 * (inter + h) + (h + inter));
     assert_eq!(with.resident_weight_bytes() - base.resident_weight_bytes(), 3 * 4 * (qv + all));
+    // The planner sized each layer with its adapters, to the byte, for every format.
+    for quant in [BitsAndBytesConfig::none(), BitsAndBytesConfig::nf4(), BitsAndBytesConfig::int8()] {
+        let m = load(quant.clone(), &ADAPTERS, false).unwrap();
+        assert_eq!(m.plan().estimate.weight_bytes(), m.resident_weight_bytes() as u64, "{quant:?}");
+    }
     let out = tempfile::tempdir().unwrap();
     let target = out.path().join("saved");
     assert!(matches!(with.save_pretrained(&target), Err(Error::InvalidArgument { .. })));

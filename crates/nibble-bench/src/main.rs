@@ -228,7 +228,10 @@ fn lora_report(args: &Args, machine: &Machine) -> Result<()> {
     if !args.model.join("config.json").is_file() {
         bail!("{} is missing; run models/fetch-smollm2.sh", args.model.display());
     }
-    let temp = std::env::temp_dir().join(format!("nibble-bench-lora-{}", std::process::id()));
+    let temp = match &args.workdir {
+        Some(w) => w.join("lora"),
+        None => std::env::temp_dir().join(format!("nibble-bench-lora-{}", std::process::id())),
+    };
     let cfg = nibble::ModelConfig::from_file(args.model.join("config.json"))?;
     synth::write_random_lora(&temp, &cfg, args.lora_rank)?;
     let mut best: [Option<Measured>; 2] = [None, None];
@@ -243,7 +246,9 @@ fn lora_report(args: &Args, machine: &Machine) -> Result<()> {
             best[i] = Some(m);
         }
     }
-    let _ = std::fs::remove_dir_all(&temp);
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
     let (Some(base), Some(lora)) = (&best[0], &best[1]) else { bail!("no measurement") };
     let mut out = String::new();
     writeln!(out, "Machine: {} ({} threads, {}), kernels {}; load average at the start {}.", machine.cpu, machine.threads, machine.flags, machine.kernels, machine.loadavg)?;

@@ -136,27 +136,21 @@ fn adapter_dtype(method: QuantMethod, dtype: DType) -> DType {
 }
 
 /// The bytes the adapters add to each decoder layer and to the head, for the planner: each
-/// adapter on a module of shape `[out, in]` holds `r · (in + out)` values of its dtype on that
-/// module's device. Merged adapters add nothing.
-pub(crate) fn planned_bytes(
-    adapters: &[Adapter],
-    merge: bool,
-    cfg: &ModelConfig,
-    quant: &BitsAndBytesConfig,
-    dtype: DType,
-) -> Result<(Vec<u64>, u64)> {
+/// adapter on a module of shape `[out, in]` holds `r · (in + out)` values on that module's
+/// device, f32 on the CPU (where the host kernels read them), the adapter dtype elsewhere; the
+/// plan is made before the devices are known, so it counts f32 (exact on the CPU, an upper bound
+/// on a GPU). Merged adapters add nothing.
+pub(crate) fn planned_bytes(adapters: &[Adapter], merge: bool, cfg: &ModelConfig) -> Result<(Vec<u64>, u64)> {
     if adapters.is_empty() || merge {
         return Ok((Vec::new(), 0));
     }
-    let method_of = |name: &str| if quant.skips(name) { QuantMethod::None } else { quant.method() };
     let bytes = |module: &str, out: usize, inp: usize| -> Result<u64> {
         let mut sum = 0u64;
         for a in adapters {
             if let Some(t) = a.config.target(module) {
-                let size = adapter_dtype(method_of(module), dtype).size_in_bytes() as u64;
                 let b = (t.r as u64)
                     .checked_mul((out as u64).saturating_add(inp as u64))
-                    .and_then(|v| v.checked_mul(size))
+                    .and_then(|v| v.checked_mul(4))
                     .and_then(|v| v.checked_add(sum));
                 sum = b.ok_or_else(|| Error::SizeOverflow { what: "an adapter's matrices".into() })?;
             }
@@ -257,7 +251,7 @@ impl<P: WeightProvider> WeightProvider for AdapterProvider<'_, P> {
             let (ma, mb) = Self::matrices(a, name, t, shape)?;
             let w = LoraWeights::new(&ma, &mb, t.scale, ad, device)?;
             if self.merge {
-                deltas.push(w.delta_weight(shape.in_features, shape.out_features)?);
+                deltas.push(w.delta_weight()?);
             } else if let Some(slot) = per_adapter.get_mut(i) {
                 *slot = Some(w);
             }

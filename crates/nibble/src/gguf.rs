@@ -75,7 +75,7 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant, adapters: 
     let quant = opts.quant.clone();
     let compute = quant.bnb_4bit_compute_dtype.dtype();
     let dtype = opts.dtype.resolve(|| candle_core::DType::F32);
-    let placement = placement(&cfg, opts, dtype, adapters)?;
+    let (placement, plan) = placement(&cfg, opts, dtype, adapters)?;
     let tok = GgufTokenizer::from_gguf(&gguf)?;
     let tokenizer = tok.text_tokenizer(path)?;
     let generation = generation_config(&tok);
@@ -94,6 +94,7 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions, started: Instant, adapters: 
         source: Source::Gguf(path.to_path_buf()),
         context: crate::model::context_len(&cfg, opts),
         adapters: Vec::new(),
+        plan,
     })
 }
 

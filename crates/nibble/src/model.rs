@@ -14,7 +14,7 @@ use crate::generate::{GenerateOptions, Generation, StopReason};
 use crate::provider::CheckpointProvider;
 use crate::source::{self, Source};
 use crate::{device_for, LoadOptions};
-use nibble_plan::{human, Inventory, PREFILL_CHUNK};
+use nibble_plan::{human, Inventory, Plan, PREFILL_CHUNK};
 
 /// A KV cache kept between requests, with the token ids it holds ([`Model::new_session`]): a
 /// prompt that starts with those ids reuses their keys and values.
@@ -66,6 +66,8 @@ pub struct Model {
     pub(crate) context: usize,
     /// The names of the LoRA adapters on the layers, unmerged, by index.
     pub(crate) adapters: Vec<String>,
+    /// The plan the load placed the model by.
+    pub(crate) plan: Plan,
 }
 
 /// The context a load plans for (`max_seq_len`, by default min(max_position_embeddings, 4096)),
@@ -153,13 +155,12 @@ pub(crate) fn build_llama<P: WeightProvider>(b: Build<'_>, make: impl FnOnce(Pro
 
 /// Where each part of the model goes: the planner checks every device's budget (weights, KV
 /// cache for `opts.max_seq_len`, reserve) before any weight is read.
-pub(crate) fn placement(cfg: &ModelConfig, opts: &LoadOptions, dtype: DType, adapters: &[Adapter]) -> Result<Placement> {
+pub(crate) fn placement(cfg: &ModelConfig, opts: &LoadOptions, dtype: DType, adapters: &[Adapter]) -> Result<(Placement, Plan)> {
     let quant = effective_quant(cfg, &opts.quant)?;
     let inventory = opts.inventory.clone().unwrap_or_else(Inventory::detect);
     let mut request = opts.plan_request(cfg);
     request.dtype = dtype;
-    (request.adapter_layer_bytes, request.adapter_head_bytes) =
-        adapter::planned_bytes(adapters, opts.merge_adapters, cfg, &quant, dtype)?;
+    (request.adapter_layer_bytes, request.adapter_head_bytes) = adapter::planned_bytes(adapters, opts.merge_adapters, cfg)?;
     let plan = nibble_plan::plan(cfg, &quant, &request, &inventory)?;
     for u in &plan.usage {
         tracing::info!(
@@ -172,12 +173,13 @@ pub(crate) fn placement(cfg: &ModelConfig, opts: &LoadOptions, dtype: DType, ada
             human(u.budget)
         );
     }
-    let plan = plan.layers;
-    Ok(Placement {
-        embed: device_for(plan.embed)?,
-        layers: plan.layers.iter().map(|d| device_for(*d)).collect::<Result<_>>()?,
-        head: device_for(plan.head)?,
-    })
+    let layers = &plan.layers;
+    let placement = Placement {
+        embed: device_for(layers.embed)?,
+        layers: layers.layers.iter().map(|d| device_for(*d)).collect::<Result<_>>()?,
+        head: device_for(layers.head)?,
+    };
+    Ok((placement, plan))
 }
 
 /// transformers' `dtype` resolution: an explicit dtype as given; `auto` is config.json's `dtype`
@@ -213,7 +215,7 @@ impl Model {
         let compute = quant.bnb_4bit_compute_dtype.dtype();
         let weights = Weights::open(&files.weights)?;
         let dtype = resolve_dtype(opts.dtype, &cfg, &weights);
-        let placement = placement(&cfg, opts, dtype, adapters)?;
+        let (placement, plan) = placement(&cfg, opts, dtype, adapters)?;
 
         let tokenizer = match &files.tokenizer {
             Some(t) => Some(TextTokenizer::from_files(
@@ -239,7 +241,7 @@ impl Model {
         let llama = build_llama(build, |progress| CheckpointProvider { weights: &weights, quant: &quant, dtype, compute, progress })?;
         let context = context_len(&cfg, opts);
         let source = Source::Folder(files);
-        Ok(Self { llama, tokenizer, generation, eos_ids, quant, source, context, adapters: Vec::new() })
+        Ok(Self { llama, tokenizer, generation, eos_ids, quant, source, context, adapters: Vec::new(), plan })
     }
 
     /// Positions the KV cache was planned for (`LoadOptions::max_seq_len`, by default
@@ -259,6 +261,13 @@ impl Model {
     /// The index of the adapter named `name`.
     pub fn adapter_index(&self, name: &str) -> Option<usize> {
         self.adapters.iter().position(|a| a == name)
+    }
+
+    /// The plan the load placed the model by: each device's modules and planned bytes, and the
+    /// estimate (whose weight bytes are what [`Model::resident_weight_bytes`] reports, adapters
+    /// included).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     /// The model's configuration.

@@ -25,13 +25,14 @@ pub enum AdapterSel<'a> {
 /// One adapter's matrices on one layer: `lora_A` `[r, in]`, `lora_B` `[out, r]` and the scale.
 #[derive(Debug)]
 pub struct LoraWeights {
-    /// `lora_A` row-major, values of the adapter dtype.
-    a: Vec<f32>,
-    /// `lora_B` row-major, values of the adapter dtype.
-    b: Vec<f32>,
-    /// The same matrices on a device other than the CPU, in the adapter dtype.
+    /// On the CPU: `lora_A` row-major and `lora_B` transposed (`[r, out]`: a decode row's update
+    /// is `r` scaled rows of it added up), as f32 values of the adapter dtype.
+    host: Option<(Vec<f32>, Vec<f32>)>,
+    /// On another device: `lora_A` and `lora_B` in the adapter dtype.
     on_device: Option<(Tensor, Tensor)>,
     r: usize,
+    n_in: usize,
+    n_out: usize,
     scale: f32,
     dtype: DType,
 }
@@ -41,24 +42,24 @@ impl LoraWeights {
     /// PEFT casts the adapter to a float base weight's dtype and leaves it in f32 over a
     /// quantized one) on `device`, with the factor `scale` (`alpha / r`, or `alpha / √r`).
     pub fn new(a: &Tensor, b: &Tensor, scale: f64, dtype: DType, device: &Device) -> Result<Self> {
-        let (r, _) = a.dims2()?;
-        let (_, rb) = b.dims2()?;
+        let (r, n_in) = a.dims2()?;
+        let (n_out, rb) = b.dims2()?;
         if rb != r {
             return Err(Error::invalid_argument("lora_B", format!("has {rb} columns for lora_A's {r} rows")));
         }
         if Precision::from_dtype(dtype).is_none() {
             return Err(Error::invalid_argument("dtype", format!("{dtype:?} is not an adapter dtype")));
         }
-        let host = |t: &Tensor| -> Result<Vec<f32>> {
+        let values = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
         };
-        let on_device = if device.is_cpu() {
-            None
+        let (host, on_device) = if device.is_cpu() {
+            (Some((values(a)?, values(&b.t()?.contiguous()?)?)), None)
         } else {
-            Some((a.to_dtype(dtype)?.to_device(device)?, b.to_dtype(dtype)?.to_device(device)?))
+            (None, Some((a.to_dtype(dtype)?.to_device(device)?, b.to_dtype(dtype)?.to_device(device)?)))
         };
         // torch multiplies by a Python float in the tensor's op math: f32.
-        Ok(Self { a: host(a)?, b: host(b)?, on_device, r, scale: scale as f32, dtype })
+        Ok(Self { host, on_device, r, n_in, n_out, scale: scale as f32, dtype })
     }
 
     /// The rank.
@@ -66,24 +67,60 @@ impl LoraWeights {
         self.r
     }
 
-    /// Bytes held: both matrices in the adapter dtype.
+    /// Bytes held: on the CPU both matrices as f32, on another device in the adapter dtype.
     pub fn bytes(&self) -> usize {
-        (self.a.len() + self.b.len()) * self.dtype.size_in_bytes()
+        let n = self.r * (self.n_in + self.n_out);
+        if self.host.is_some() {
+            n * 4
+        } else {
+            n * self.dtype.size_in_bytes()
+        }
     }
 
     fn precision(&self) -> Precision {
         Precision::from_dtype(self.dtype).unwrap_or(Precision::F32)
     }
 
+    /// `lora_A` and `lora_B` transposed as host values (copied back from a device if need be).
+    fn host_values(&self) -> Result<(std::borrow::Cow<'_, [f32]>, std::borrow::Cow<'_, [f32]>)> {
+        use std::borrow::Cow;
+        match (&self.host, &self.on_device) {
+            (Some((a, bt)), _) => Ok((Cow::Borrowed(a), Cow::Borrowed(bt))),
+            (None, Some((a, b))) => {
+                let v = |t: &Tensor| -> Result<Vec<f32>> {
+                    Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?.flatten_all()?.to_vec1()?)
+                };
+                Ok((Cow::Owned(v(a)?), Cow::Owned(v(&b.t()?)?)))
+            }
+            (None, None) => Err(Error::invalid_argument("adapter", "holds no matrices")),
+        }
+    }
+
     /// `scale · B(A x)` for `rows` rows of `x` (`in` values each), each step rounded to the
     /// adapter dtype as torch's `nn.Linear` and multiply return it.
-    fn delta_host(&self, x: &[f32], rows: usize, n_in: usize, n_out: usize) -> Result<Vec<f32>> {
+    fn delta_host(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (a, bt) = self.host_values()?;
+        let (n_in, n_out, r) = (self.n_in, self.n_out, self.r);
         let p = self.precision();
         let mut xr = x.to_vec();
         p.round_slice(&mut xr);
-        let mut h = matmul_t(&xr, rows, n_in, &self.a, self.r)?;
+        let mut h = matmul_t(&xr, rows, n_in, &a, r)?;
         p.round_slice(&mut h);
-        let mut d = matmul_t(&h, rows, self.r, &self.b, n_out)?;
+        let mut d = if rows > LOOP_MAX_ROWS {
+            let ht = Tensor::from_slice(&h, (rows, r), &Device::Cpu)?;
+            let btt = Tensor::from_slice(&bt, (r, n_out), &Device::Cpu)?;
+            ht.matmul(&btt)?.flatten_all()?.to_vec1()?
+        } else {
+            // Row by row, `B h` as `r` passes over B's columns (a loop the compiler vectorizes;
+            // `out` dot products of length r would each pay a reduction).
+            let mut d = vec![0f32; rows * n_out];
+            for (dr, hr) in d.chunks_exact_mut(n_out.max(1)).zip(h.chunks_exact(r.max(1))) {
+                for (&hk, bk) in hr.iter().zip(bt.chunks_exact(n_out.max(1))) {
+                    dr.iter_mut().zip(bk).for_each(|(d, &b)| *d += hk * b);
+                }
+            }
+            d
+        };
         p.round_slice(&mut d);
         d.iter_mut().for_each(|v| *v = p.round(*v * self.scale));
         Ok(d)
@@ -91,13 +128,14 @@ impl LoraWeights {
 
     /// The dense update `scale · B A` (`[out, in]`, f32), as PEFT's `get_delta_weight` computes
     /// it: the product in f32, scaled, rounded to the adapter dtype.
-    pub fn delta_weight(&self, n_in: usize, n_out: usize) -> Result<Tensor> {
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let (a, bt) = self.host_values()?;
         let p = self.precision();
-        let b = Tensor::from_slice(&self.b, (n_out, self.r), &Device::Cpu)?;
-        let a = Tensor::from_slice(&self.a, (self.r, n_in), &Device::Cpu)?;
+        let b = Tensor::from_slice(&bt, (self.r, self.n_out), &Device::Cpu)?.t()?;
+        let a = Tensor::from_slice(&a, (self.r, self.n_in), &Device::Cpu)?;
         let mut d: Vec<f32> = b.matmul(&a)?.flatten_all()?.to_vec1()?;
         d.iter_mut().for_each(|v| *v = p.round(*v * self.scale));
-        Ok(Tensor::from_vec(d, (n_out, n_in), &Device::Cpu)?)
+        Ok(Tensor::from_vec(d, (self.n_out, self.n_in), &Device::Cpu)?)
     }
 }
 
@@ -135,7 +173,7 @@ impl LoraLinear {
     /// Errors: an adapter whose matrices do not fit the base's shape.
     pub fn new(base: Box<dyn QuantLinear>, adapters: Vec<Option<LoraWeights>>, act_dtype: DType) -> Result<Self> {
         for w in adapters.iter().flatten() {
-            if w.a.len() != w.r * base.in_features() || w.b.len() != w.r * base.out_features() {
+            if w.n_in != base.in_features() || w.n_out != base.out_features() {
                 return Err(Error::invalid_argument(
                     "adapter",
                     format!("rank-{} matrices do not fit a [{}, {}] layer", w.r, base.out_features(), base.in_features()),
@@ -180,7 +218,7 @@ impl LoraLinear {
         for (n, w) in self.groups(sel, rows)? {
             if let Some(w) = w {
                 let xs = x.get(row * n_in..(row + n) * n_in).ok_or_else(|| Error::invalid_argument("x", "too few values"))?;
-                let d = w.delta_host(xs, n, n_in, n_out)?;
+                let d = w.delta_host(xs, n)?;
                 let ys = y.get_mut(row * n_out..(row + n) * n_out).ok_or_else(|| Error::invalid_argument("y", "too few values"))?;
                 for (y, d) in ys.iter_mut().zip(d) {
                     *y = self.act.round(*y + self.act.round(d));
