@@ -14,6 +14,13 @@ if [ "$which" = all ]; then targets=("${all[@]}"); else targets=("$which"); fi
 if ! cargo afl --version >/dev/null 2>&1; then
     cargo install cargo-afl --locked --version 0.18.2
 fi
+# cargo-afl keeps AFL++ (afl-fuzz and the compiler runtime) per rustc version; build it once.
+if ! ls "${XDG_DATA_HOME:-$HOME/.local/share}"/afl.rs/rustc-"$(rustc --version | awk '{print $2}')"-*/afl.rs-0.18.2/afl/bin/afl-fuzz >/dev/null 2>&1; then
+    cargo afl config --build
+fi
+# cargo-afl builds at opt-level 3 with one codegen unit unless told: an hour on two cores for
+# candle and the HTTP stack. The targets spend their time in nibble's parsers; level 1 is enough.
+export AFL_OPT_LEVEL=${AFL_OPT_LEVEL:-1}
 cargo afl build --release
 
 # A container has no CPU governor to set and may pipe core dumps elsewhere; neither matters here.
