@@ -140,7 +140,7 @@ fn hostile_header_values_are_typed_errors() {
             }
             other => panic!("{key}: {other}"),
         }
-        assert!(nibble::import_gguf(&p, &tmp.path().join("out")).is_err());
+        assert!(nibble::import_gguf(&p, tmp.path().join("out")).is_err());
     }
 }
 

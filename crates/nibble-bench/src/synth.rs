@@ -209,7 +209,7 @@ pub fn requantize_gguf(src: &Path, dst: &Path, dtype: GgmlDType) -> Result<()> {
 pub fn write_random_lora(dir: &Path, cfg: &nibble::ModelConfig, r: usize) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let specs = cfg.layer_linears();
-    let names: Vec<&str> = specs.iter().map(|s| s.name.rsplit('.').next().unwrap_or(&s.name)).collect();
+    let names: Vec<&str> = specs.iter().map(|s| s.name.rsplit('.').next().unwrap_or(s.name)).collect();
     let config = serde_json::json!({
         "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": names, "bias": "none",
         "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "use_dora": false, "use_rslora": false,

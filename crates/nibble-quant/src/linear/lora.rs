@@ -4,6 +4,8 @@
 //! dtype. Several adapters can sit on one layer, and each group of rows (each sequence of a
 //! batch) picks its own ([`AdapterSel`]).
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Device, Tensor};
 use nibble_core::{Error, Result};
 
@@ -21,6 +23,9 @@ pub enum AdapterSel<'a> {
     /// `i` uses adapter `groups[i]`, `None` the base alone.
     Groups(&'a [Option<usize>]),
 }
+
+/// A matrix's values on the host: borrowed, or copied back from a device.
+type Values<'a> = Cow<'a, [f32]>;
 
 /// One adapter's matrices on one layer: `lora_A` `[r, in]`, `lora_B` `[out, r]` and the scale.
 #[derive(Debug)]
@@ -82,8 +87,7 @@ impl LoraWeights {
     }
 
     /// `lora_A` and `lora_B` transposed as host values (copied back from a device if need be).
-    fn host_values(&self) -> Result<(std::borrow::Cow<'_, [f32]>, std::borrow::Cow<'_, [f32]>)> {
-        use std::borrow::Cow;
+    fn host_values(&self) -> Result<(Values<'_>, Values<'_>)> {
         match (&self.host, &self.on_device) {
             (Some((a, bt)), _) => Ok((Cow::Borrowed(a), Cow::Borrowed(bt))),
             (None, Some((a, b))) => {
@@ -199,7 +203,7 @@ impl LoraLinear {
         match sel {
             AdapterSel::Active => Ok(vec![(rows, pick(Some(0)))]),
             AdapterSel::Groups(g) => {
-                if g.is_empty() || rows % g.len() != 0 {
+                if g.is_empty() || !rows.is_multiple_of(g.len()) {
                     return Err(Error::invalid_argument(
                         "adapters",
                         format!("{} adapter choices for {rows} rows", g.len()),
