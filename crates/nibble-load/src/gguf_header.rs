@@ -246,11 +246,14 @@ impl<'a> Reader<'a> {
             return Err(format!("{n_dims} dimensions, GGML allows at most {MAX_DIMS}"));
         }
         let mut dims = Vec::with_capacity(MAX_DIMS as usize);
-        let mut elems: usize = 1;
+        // The product of the non-zero dimensions bounds every partial product, in any order (a
+        // zero dimension would hide an overflow from a product taken in file order, and candle
+        // multiplies them in the reverse one).
+        let mut nonzero: usize = 1;
         for _ in 0..n_dims {
             let d = if self.v1 { u64::from(self.u32()?) } else { self.u64()? };
             let d = usize::try_from(d).map_err(|_| format!("dimension {d} is too large"))?;
-            elems = elems.checked_mul(d).ok_or_else(|| "the product of its dimensions overflows".to_string())?;
+            nonzero = nonzero.checked_mul(d.max(1)).ok_or_else(|| "the product of its dimensions overflows".to_string())?;
             dims.push(d);
         }
         // GGUF lists the fastest-varying dimension first; candle's shapes list it last.
@@ -317,6 +320,26 @@ mod tests {
         let full = header(1, &kv_u32("general.alignment", 64));
         for n in 0..full.len() {
             assert!(read(&full[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn a_zero_dimension_does_not_hide_an_overflow() {
+        // Found by the `gguf` fuzz target: dims [0, 2^40, 2^40] multiply to 0 in file order and
+        // overflow in candle's (reversed) order.
+        for dims in [[0u64, 1 << 40, 1 << 40], [1 << 40, 1 << 40, 0]] {
+            let mut b = b"GGUF".to_vec();
+            b.extend(3u32.to_le_bytes());
+            b.extend(1u64.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+            b.extend(1u64.to_le_bytes());
+            b.extend(b"t");
+            b.extend(3u32.to_le_bytes());
+            dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
+            b.extend(0u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+            b.resize(b.len() + 64, 0);
+            assert!(read(&b).unwrap_err().contains("overflows"), "{dims:?}");
         }
     }
 }
