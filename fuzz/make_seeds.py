@@ -180,6 +180,13 @@ def main():
         "frequency_penalty": 0.2, "ignore_eos": True, "n": 1}))
     put("serve_request", "parts.json", json.dumps({"model": "m", "messages": [{"role": "system", "content": [
         {"type": "text", "text": "be brief"}]}, {"role": "user", "content": "x"}], "logprobs": False}))
+    # PEFT adapter configs: the two fixtures, and one with every pattern field
+    for name in ("lora-qv", "lora-all-linear"):
+        with open(os.path.join(ROOT, "tests", "fixtures", "lora", name, "adapter_config.json"), "rb") as f:
+            put("adapter_config", name + ".json", f.read())
+    put("adapter_config", "patterns.json", json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+        "target_modules": r".*\.(q|v)_proj", "exclude_modules": ["lm_head"], "rank_pattern": {r"layers\.1\..*": 2},
+        "alpha_pattern": {"v_proj": 3}, "layers_to_transform": [0, 2], "layers_pattern": "layers", "use_rslora": True}))
 
 
 if __name__ == "__main__":

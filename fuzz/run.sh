@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 which=${1:-all}
 secs=${2:-60}
-all=(safetensors config gguf gguf_tokenizer quant_state chat_template serve_request hub_response)
+all=(safetensors config gguf gguf_tokenizer quant_state chat_template serve_request hub_response adapter_config)
 if [ "$which" = all ]; then targets=("${all[@]}"); else targets=("$which"); fi
 
 if ! cargo afl --version >/dev/null 2>&1; then

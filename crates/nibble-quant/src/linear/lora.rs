@@ -100,34 +100,68 @@ impl LoraWeights {
         }
     }
 
-    /// `scale · B(A x)` for `rows` rows of `x` (`in` values each), each step rounded to the
-    /// adapter dtype as torch's `nn.Linear` and multiply return it.
-    fn delta_host(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    /// Adds `(scale · B(A x)).to(act)` to `y` (`rows x out`, values of the model dtype `act`)
+    /// for `rows` rows of `x`, rounding each sum to `act` (`result + output`). Each of `A x`,
+    /// `B (A x)` and the product with the scale is rounded to the adapter dtype, as torch's
+    /// `nn.Linear` and multiply return it. The work is split across the kernel team: `A x` by
+    /// rows, the update by runs of outputs (a decode row) or of rows (a prefill).
+    fn add_into(&self, x: &[f32], y: &mut [f32], rows: usize, act: Precision) -> Result<()> {
         let (a, bt) = self.host_values()?;
         let (n_in, n_out, r) = (self.n_in, self.n_out, self.r);
+        if x.len() != rows * n_in || y.len() != rows * n_out || n_in == 0 || n_out == 0 || r == 0 {
+            return Err(Error::invalid_argument("x", format!("{} values in, {} out, for {rows} rows", x.len(), y.len())));
+        }
         let p = self.precision();
-        let mut xr = x.to_vec();
-        p.round_slice(&mut xr);
-        let mut h = matmul_t(&xr, rows, n_in, &a, r)?;
-        p.round_slice(&mut h);
-        let mut d = if rows > LOOP_MAX_ROWS {
-            let ht = Tensor::from_slice(&h, (rows, r), &Device::Cpu)?;
-            let btt = Tensor::from_slice(&bt, (r, n_out), &Device::Cpu)?;
-            ht.matmul(&btt)?.flatten_all()?.to_vec1()?
-        } else {
-            // Row by row, `B h` as `r` passes over B's columns (a loop the compiler vectorizes;
-            // `out` dot products of length r would each pay a reduction).
-            let mut d = vec![0f32; rows * n_out];
-            for (dr, hr) in d.chunks_exact_mut(n_out.max(1)).zip(h.chunks_exact(r.max(1))) {
-                for (&hk, bk) in hr.iter().zip(bt.chunks_exact(n_out.max(1))) {
-                    dr.iter_mut().zip(bk).for_each(|(d, &b)| *d += hk * b);
+        let mut h = vec![0f32; rows * r];
+        kernels::for_each_chunk_mut(&mut h, r * H_ROWS_PER_TASK, |t, hc| {
+            let mut xr = Vec::new();
+            for (j, hr) in hc.chunks_exact_mut(r).enumerate() {
+                let row = t * H_ROWS_PER_TASK + j;
+                let xs = &x[row * n_in..(row + 1) * n_in];
+                // The activations are of the model dtype, never wider than the adapter's: the
+                // cast to the adapter dtype is exact except for a narrower adapter.
+                let xs = if p == Precision::F32 {
+                    xs
+                } else {
+                    xr.clear();
+                    xr.extend(xs.iter().map(|&v| p.round(v)));
+                    &xr
+                };
+                for (hk, ak) in hr.iter_mut().zip(a.chunks_exact(n_in)) {
+                    *hk = kernels::dot_f32(xs, ak);
                 }
+                p.round_slice(hr);
             }
-            d
-        };
-        p.round_slice(&mut d);
-        d.iter_mut().for_each(|v| *v = p.round(*v * self.scale));
-        Ok(d)
+        });
+        let per_task = if rows == 1 { OUT_PER_TASK } else { n_out * (UPDATE_ROWS_PER_TASK) };
+        kernels::for_each_chunk_mut(y, per_task, |t, yc| {
+            let mut start = t * per_task;
+            let mut acc = Vec::new();
+            let mut rest = yc;
+            while !rest.is_empty() {
+                let (row, o0) = (start / n_out, start % n_out);
+                let len = (n_out - o0).min(rest.len());
+                let (seg, tail) = rest.split_at_mut(len);
+                acc.clear();
+                acc.resize(len, 0f32);
+                // `B h` as r passes over B's columns, vectorized along the outputs.
+                for (&hk, bk) in h[row * r..(row + 1) * r].iter().zip(bt.chunks_exact(n_out)) {
+                    acc.iter_mut().zip(&bk[o0..o0 + len]).for_each(|(d, &b)| *d += hk * b);
+                }
+                if p == Precision::F32 && act == Precision::F32 {
+                    // Every rounding is to f32 itself: the plain sum, vectorized.
+                    seg.iter_mut().zip(&acc).for_each(|(y, &d)| *y += d * self.scale);
+                } else {
+                    for (y, &d) in seg.iter_mut().zip(&acc) {
+                        let d = p.round(p.round(d) * self.scale);
+                        *y = act.round(*y + act.round(d));
+                    }
+                }
+                start += len;
+                rest = tail;
+            }
+        });
+        Ok(())
     }
 
     /// The dense update `scale · B A` (`[out, in]`, f32), as PEFT's `get_delta_weight` computes
@@ -143,23 +177,12 @@ impl LoraWeights {
     }
 }
 
-/// Rows up to which the adapter's products run in plain loops; more (a prefill) go to candle's
-/// blocked matmul.
-const LOOP_MAX_ROWS: usize = 16;
-
-/// `x [rows, k] · w^T` for `w [n, k]`, f32 accumulation.
-fn matmul_t(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Result<Vec<f32>> {
-    if rows > LOOP_MAX_ROWS {
-        let xt = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
-        let wt = Tensor::from_slice(w, (n, k), &Device::Cpu)?;
-        return Ok(xt.matmul(&wt.t()?)?.flatten_all()?.to_vec1()?);
-    }
-    let mut out = Vec::with_capacity(rows * n);
-    for xr in x.chunks_exact(k.max(1)).take(rows) {
-        out.extend(w.chunks_exact(k.max(1)).take(n).map(|wr| kernels::dot_f32(xr, wr)));
-    }
-    Ok(out)
-}
+/// Rows of `A x` per task of the kernel team.
+const H_ROWS_PER_TASK: usize = 16;
+/// Outputs per task of a decode row's update (a few microseconds of work each).
+const OUT_PER_TASK: usize = 512;
+/// Rows per task of a prefill's update.
+const UPDATE_ROWS_PER_TASK: usize = 8;
 
 /// A linear layer with LoRA adapters on it, unmerged.
 #[derive(Debug)]
@@ -222,11 +245,8 @@ impl LoraLinear {
         for (n, w) in self.groups(sel, rows)? {
             if let Some(w) = w {
                 let xs = x.get(row * n_in..(row + n) * n_in).ok_or_else(|| Error::invalid_argument("x", "too few values"))?;
-                let d = w.delta_host(xs, n)?;
                 let ys = y.get_mut(row * n_out..(row + n) * n_out).ok_or_else(|| Error::invalid_argument("y", "too few values"))?;
-                for (y, d) in ys.iter_mut().zip(d) {
-                    *y = self.act.round(*y + self.act.round(d));
-                }
+                w.add_into(xs, ys, n, self.act)?;
             }
             row += n;
         }
