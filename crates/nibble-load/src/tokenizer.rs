@@ -86,16 +86,22 @@ impl ChatTemplate {
     ) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| Error::ChatTemplate { reason: e.to_string() })?;
         let mut out = Capped(Vec::new());
-        tmpl.render_captured_to(
-            minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => bos_token,
-                eos_token => eos_token,
-            },
-            &mut out,
-        )
-        .map_err(|e| Error::ChatTemplate { reason: format!("rendering failed: {e}") })?;
+        // minijinja has integer arithmetic that overflows on hostile slices (found by the
+        // `chat_template` fuzz target: `x[1:5:-1]` subtracts past zero); where overflow checks
+        // are on (debug builds) that is a panic, caught here and reported as the template's error.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tmpl.render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => bos_token,
+                    eos_token => eos_token,
+                },
+                &mut out,
+            )
+        }))
+        .map_err(|_| Error::ChatTemplate { reason: "rendering failed: the template engine panicked".into() })?;
+        rendered.map_err(|e| Error::ChatTemplate { reason: format!("rendering failed: {e}") })?;
         String::from_utf8(out.0).map_err(|e| Error::ChatTemplate { reason: format!("the output is not UTF-8: {e}") })
     }
 }
@@ -272,6 +278,23 @@ mod tests {
             let err = tmpl.render(&messages, true, "", "").unwrap_err();
             assert!(matches!(err, Error::ChatTemplate { .. }), "{source}: {err}");
             assert!(started.elapsed().as_secs() < 20, "{source} took {:?}", started.elapsed());
+        }
+    }
+
+    /// A slice minijinja's arithmetic overflows on (the `chat_template` fuzz target's find) is
+    /// an answer or a typed error, never a panic, in debug builds (overflow checks on) too.
+    #[test]
+    fn overflowing_slices_are_not_a_panic() {
+        let messages = [ChatMessage::new("user", "hi"), ChatMessage::new("user", "ho")];
+        for source in ["{{ messages[0:5:-1] }}", "{{ 'abc'[1:9:-2] }}"] {
+            let tmpl = ChatTemplate::new(source.to_string()).unwrap();
+            match tmpl.render(&messages, true, "", "") {
+                Ok(text) => eprintln!("{source}: {text:?}"),
+                Err(e) => {
+                    eprintln!("{source}: {e}");
+                    assert!(matches!(e, Error::ChatTemplate { .. }), "{source}: {e}");
+                }
+            }
         }
     }
 
