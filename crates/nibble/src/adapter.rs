@@ -9,12 +9,12 @@ use candle_core::{DType, Device, Tensor};
 use nibble_core::{Error, Result};
 use nibble_llama::{LinearShape, WeightProvider};
 use nibble_load::adapter::{AdapterConfig, AdapterFiles, LoraTarget};
-use nibble_load::hub::{self, HubConfig};
+use nibble_load::hub;
 use nibble_load::{ModelConfig, Weights};
 use nibble_quant::{BitsAndBytesConfig, LoraLinear, LoraWeights, QuantLinear, QuantMethod};
 
 use crate::provider::quantize_or_dense;
-use crate::source::looks_like_hub_id;
+use crate::source::{hub_config, looks_like_hub_id};
 use crate::LoadOptions;
 
 /// An adapter to load: the name requests choose it by, and where it comes from.
@@ -85,15 +85,8 @@ pub(crate) fn open_all(opts: &LoadOptions) -> Result<Vec<Adapter>> {
         let files = if path.is_dir() {
             AdapterFiles::from_dir(path)?
         } else if looks_like_hub_id(&spec.source) {
-            let from_env;
-            let cfg = match &opts.hub {
-                Some(cfg) => cfg,
-                None => {
-                    from_env = HubConfig::from_env();
-                    &from_env
-                }
-            };
-            AdapterFiles::from_dir(hub::fetch_adapter(cfg, &spec.source, hub::DEFAULT_REVISION)?)?
+            let cfg = hub_config(opts);
+            AdapterFiles::from_dir(hub::fetch_adapter(&cfg, &spec.source, hub::DEFAULT_REVISION)?)?
         } else {
             return Err(Error::InvalidSource {
                 source_name: spec.source.clone(),

@@ -18,6 +18,15 @@ pub enum Source {
     Gguf(PathBuf),
 }
 
+/// The Hub settings of `opts`, or the environment's when the caller gave none (read only then:
+/// tests and embedders give one, since environment variables are process-global).
+pub(crate) fn hub_config(opts: &LoadOptions) -> std::borrow::Cow<'_, HubConfig> {
+    match &opts.hub {
+        Some(cfg) => std::borrow::Cow::Borrowed(cfg),
+        None => std::borrow::Cow::Owned(HubConfig::from_env()),
+    }
+}
+
 /// Whether `id` looks like a hub repository id (`org/name`), not a path.
 pub(crate) fn looks_like_hub_id(id: &str) -> bool {
     let parts: Vec<&str> = id.split('/').collect();
@@ -50,16 +59,8 @@ pub(crate) fn resolve(id: &str, opts: &LoadOptions) -> Result<Source> {
         });
     }
     if looks_like_hub_id(id) {
-        // Read the environment only when the caller gave no config (tests and embedders give one,
-        // since environment variables are process-global).
-        let from_env;
-        let cfg = match &opts.hub {
-            Some(cfg) => cfg,
-            None => {
-                from_env = HubConfig::from_env();
-                &from_env
-            }
-        };
+        let cfg = hub_config(opts);
+        let cfg = cfg.as_ref();
         let snapshot = hub::snapshot(cfg, id, revision)?;
         return Ok(Source::Folder(ModelFiles::from_dir(snapshot)?));
     }
