@@ -12,7 +12,7 @@
 //! [`super::for_each_index`], the others on rayon); the weight is never held in full
 //! precision beyond one panel per thread.
 
-use half::{bf16, f16};
+use half::f16;
 use nibble_core::{Error, Result};
 use rayon::prelude::*;
 
@@ -48,7 +48,7 @@ impl Precision {
         match self {
             Self::F32 => v,
             Self::F16 => f16::from_f32(v).to_f32(),
-            Self::Bf16 => bf16::from_f32(v).to_f32(),
+            Self::Bf16 => round_bf16(v),
         }
     }
 
@@ -68,7 +68,7 @@ impl Precision {
 /// the kept part's lowest bit, then truncating. NaN is kept (quieted), as `half` does; infinities
 /// and overflow to infinity come out of the same addition.
 #[inline(always)]
-fn round_bf16(v: f32) -> f32 {
+pub(crate) fn round_bf16(v: f32) -> f32 {
     let b = v.to_bits();
     let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
     let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
@@ -650,7 +650,7 @@ mod tests {
         // Exact ties, with even and odd kept parts, and the largest finite values.
         bits.extend([0x3f80_8000, 0x3f81_8000, 0x7f7f_ffff, 0x7f7f_8000, 0x0000_8000, 0x0001_8000]);
         let mut v: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
-        let want: Vec<u32> = v.iter().map(|&x| bf16::from_f32(x).to_f32().to_bits()).collect();
+        let want: Vec<u32> = v.iter().map(|&x| half::bf16::from_f32(x).to_f32().to_bits()).collect();
         Precision::Bf16.round_slice(&mut v);
         let got: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
         assert_eq!(got, want);

@@ -65,6 +65,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     four_bit::dot(Isa::detect(), a, b)
 }
 pub use four_bit::{matmul_4bit, matmul_4bit_with, Matrix4bit, Precision, Rounding};
+pub(crate) use four_bit::round_bf16;
 pub use int8::{int8_matmul_i32, int8_matmul_i32_with};
 pub use quant::{int8_vectorwise_quant_with, quantize_4bit_with};
 pub use rows::Rows;

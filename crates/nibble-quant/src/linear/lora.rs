@@ -133,7 +133,13 @@ impl LoraWeights {
                 p.round_slice(hr);
             }
         });
-        let per_task = if rows == 1 { OUT_PER_TASK } else { n_out * (UPDATE_ROWS_PER_TASK) };
+        // A decode row's update is a few thousand multiply-adds: below one task of the team
+        // it runs inline (a hand-off would cost more than it saves).
+        let per_task = if rows == 1 {
+            kernels::chunk_len(n_out, kernels::min_macs_per_matvec_task().div_ceil(r))
+        } else {
+            n_out * UPDATE_ROWS_PER_TASK
+        };
         kernels::for_each_chunk_mut(y, per_task, |t, yc| {
             let mut start = t * per_task;
             let mut acc = Vec::new();
@@ -148,15 +154,7 @@ impl LoraWeights {
                 for (&hk, bk) in h[row * r..(row + 1) * r].iter().zip(bt.chunks_exact(n_out)) {
                     acc.iter_mut().zip(&bk[o0..o0 + len]).for_each(|(d, &b)| *d += hk * b);
                 }
-                if p == Precision::F32 && act == Precision::F32 {
-                    // Every rounding is to f32 itself: the plain sum, vectorized.
-                    seg.iter_mut().zip(&acc).for_each(|(y, &d)| *y += d * self.scale);
-                } else {
-                    for (y, &d) in seg.iter_mut().zip(&acc) {
-                        let d = p.round(p.round(d) * self.scale);
-                        *y = act.round(*y + act.round(d));
-                    }
-                }
+                finish(seg, &acc, self.scale, p, act);
                 start += len;
                 rest = tail;
             }
@@ -177,10 +175,33 @@ impl LoraWeights {
     }
 }
 
+/// `y += (scale · d).to(act)`, rounded to `act` (`result + output`), with `d` and the product
+/// with the scale rounded to the adapter precision `p` first. Each pair of precisions gets its own
+/// loop with the roundings inlined, so that every one vectorizes (this runs over every output of
+/// every adapted layer).
+fn finish(y: &mut [f32], d: &[f32], scale: f32, p: Precision, act: Precision) {
+    #[inline(always)]
+    fn run(y: &mut [f32], d: &[f32], scale: f32, p: impl Fn(f32) -> f32, a: impl Fn(f32) -> f32) {
+        y.iter_mut().zip(d).for_each(|(y, &d)| *y = a(*y + a(p(p(d) * scale))));
+    }
+    let keep = |v: f32| v;
+    let bf16 = kernels::round_bf16;
+    let f16 = |v: f32| Precision::F16.round(v);
+    match (p, act) {
+        (Precision::F32, Precision::F32) => run(y, d, scale, keep, keep),
+        (Precision::F32, Precision::Bf16) => run(y, d, scale, keep, bf16),
+        (Precision::F32, Precision::F16) => run(y, d, scale, keep, f16),
+        (Precision::Bf16, Precision::F32) => run(y, d, scale, bf16, keep),
+        (Precision::Bf16, Precision::Bf16) => run(y, d, scale, bf16, bf16),
+        (Precision::Bf16, Precision::F16) => run(y, d, scale, bf16, f16),
+        (Precision::F16, Precision::F32) => run(y, d, scale, f16, keep),
+        (Precision::F16, Precision::Bf16) => run(y, d, scale, f16, bf16),
+        (Precision::F16, Precision::F16) => run(y, d, scale, f16, f16),
+    }
+}
+
 /// Rows of `A x` per task of the kernel team.
 const H_ROWS_PER_TASK: usize = 16;
-/// Outputs per task of a decode row's update (a few microseconds of work each).
-const OUT_PER_TASK: usize = 512;
 /// Rows per task of a prefill's update.
 const UPDATE_ROWS_PER_TASK: usize = 8;
 
@@ -351,6 +372,29 @@ mod tests {
         assert!(layer.forward_f32_sel(&[0.0; 12], 3, AdapterSel::Groups(&[None, None])).is_err());
         assert_eq!(layer.adapter_bytes(), (8 + 6) * 4);
         Ok(())
+    }
+
+    /// The vectorized finishing loop rounds as torch does, step by step, for every pair of
+    /// adapter and model precisions.
+    #[test]
+    fn the_update_is_rounded_as_torch_rounds_it() {
+        use half::{bf16, f16};
+        let r = |p: Precision, v: f32| match p {
+            Precision::F32 => v,
+            Precision::F16 => f16::from_f32(v).to_f32(),
+            Precision::Bf16 => bf16::from_f32(v).to_f32(),
+        };
+        let d: Vec<f32> = (0..97).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013_7).collect();
+        let y0: Vec<f32> = (0..97).map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.021_3).collect();
+        let all = [Precision::F32, Precision::F16, Precision::Bf16];
+        for p in all {
+            for act in all {
+                let mut y = y0.clone();
+                finish(&mut y, &d, 0.37, p, act);
+                let want: Vec<f32> = y0.iter().zip(&d).map(|(&y, &d)| r(act, y + r(act, r(p, r(p, d) * 0.37)))).collect();
+                assert_eq!(y, want, "adapter {p:?}, model {act:?}");
+            }
+        }
     }
 
     #[test]
