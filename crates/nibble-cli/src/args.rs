@@ -174,7 +174,7 @@ pub struct ModelArgs {
     pub merge_adapter: bool,
 }
 
-fn parse_adapter(s: &str) -> Result<AdapterSpec, nibble::Error> {
+pub(crate) fn parse_adapter(s: &str) -> Result<AdapterSpec, nibble::Error> {
     AdapterSpec::parse(s)
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use nibble::{
-    BitsAndBytesConfig, CudaStatus, DeviceMap, Inventory, ModelConfig, MaxMemory, ModelDtype, PlanRequest,
+    BitsAndBytesConfig, CudaStatus, DeviceMap, Inventory, ModelConfig, MaxMemory, ModelDtype, LoadOptions,
 };
 use nibble_plan::{human, parse_size, safety_margin};
 
@@ -56,6 +56,15 @@ pub struct PlanArgs {
     /// unless --max-memory sets cpu=...).
     #[arg(long)]
     pub simulate: Option<String>,
+
+    /// A PEFT LoRA adapter to count, as every command that loads a model takes it (repeatable;
+    /// its config and tensor header are read, no weight).
+    #[arg(long = "adapter", value_name = "[NAME=]PATH|ID", value_parser = crate::args::parse_adapter)]
+    pub adapters: Vec<nibble::AdapterSpec>,
+
+    /// Plan the adapters merged into the weights (they then add no bytes).
+    #[arg(long)]
+    pub merge_adapter: bool,
 }
 
 /// Reads config.json for `model`: a folder, the file itself, or a hub id fetched alone; for a
@@ -89,17 +98,20 @@ pub fn plan(args: &PlanArgs) -> anyhow::Result<()> {
         }
         None => Inventory::detect(),
     };
-    let mut req = PlanRequest::new(&cfg);
+    let opts = LoadOptions {
+        device_map: args.device_map.clone(),
+        max_memory: args.max_memory.clone().unwrap_or_default(),
+        max_seq_len: args.max_seq_len,
+        batch: args.batch,
+        no_cpu_offload: args.offload != Offload::Cpu,
+        adapters: args.adapters.clone(),
+        merge_adapters: args.merge_adapter,
+        ..LoadOptions::default()
+    };
+    let mut req = opts.plan_request_with_adapters(&cfg)?;
     // `PlanRequest::new` resolved transformers' `auto` from config.json.
     let auto = req.dtype;
     req.dtype = ModelDtype::from(args.quant.dtype).resolve(|| auto);
-    req.device_map = args.device_map.clone();
-    req.max_memory = args.max_memory.clone().unwrap_or_default();
-    if let Some(n) = args.max_seq_len {
-        req.max_seq_len = n;
-    }
-    req.batch = args.batch;
-    req.allow_cpu_offload = args.offload == Offload::Cpu;
     let plan = nibble::plan(&cfg, &quant, &req, &inventory)?;
     let mut out = io::stdout().lock();
     writeln!(
@@ -128,6 +140,10 @@ pub fn plan(args: &PlanArgs) -> anyhow::Result<()> {
         )?;
     }
     writeln!(out, "total weights {} ({} bytes)", human(plan.estimate.weight_bytes()), plan.estimate.weight_bytes())?;
+    let adapter_bytes = req.adapter_layer_bytes.iter().sum::<u64>().saturating_add(req.adapter_head_bytes);
+    if adapter_bytes > 0 {
+        writeln!(out, "of which adapters {} ({adapter_bytes} bytes, unmerged, f32)", human(adapter_bytes))?;
+    }
     if plan.offloaded_layers > 0 {
         writeln!(out, "warning: {} layer(s) offloaded to the CPU", plan.offloaded_layers)?;
     }

@@ -116,6 +116,30 @@ fn perplexity_with_an_adapter_matches_peft() {
 }
 
 #[test]
+fn plan_counts_an_adapter_on_its_layers() {
+    let model = tiny_model();
+    let all = workspace().join("tests/fixtures/lora/lora-all-linear").to_string_lossy().into_owned();
+    let total = |extra: &[&str]| -> u64 {
+        let mut args = vec!["plan", model.as_str()];
+        args.extend_from_slice(extra);
+        let out = nibble(&args);
+        assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let line = stdout.lines().find(|l| l.starts_with("total weights")).expect("a total line");
+        line.rsplit('(').next().and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).expect("bytes")
+    };
+    // lora-all-linear: r = 4 on q, k, v, o, gate, up, down of the tiny Llama's 3 layers
+    // (hidden 128, kv 64, intermediate 352): r * (in + out) f32 values each.
+    let per_layer: u64 = [(128, 128), (128, 64), (128, 64), (128, 128), (128, 352), (128, 352), (352, 128)].iter().map(|(i, o)| i + o).sum();
+    let adapter = 3 * 4 * per_layer * 4;
+    let base = total(&[]);
+    assert_eq!(total(&["--adapter", &all]), base + adapter);
+    assert_eq!(total(&["--adapter", &all, "--merge-adapter"]), base, "a merged adapter adds nothing");
+    let out = nibble(&["plan", &model, "--adapter", "/nonexistent/adapter"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("/nonexistent/adapter"), "{}", text(&out.stderr));
+}
+
+#[test]
 fn chat_one_shot_prints_a_reply() {
     let model = tiny_model();
     let out = nibble(&["chat", "--model", &model, "--prompt", "hi", "--max-tokens", "4", "--temperature", "0"]);

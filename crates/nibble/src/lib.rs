@@ -99,6 +99,17 @@ impl LoadOptions {
         req.allow_cpu_offload = !self.no_cpu_offload;
         req
     }
+
+    /// [`LoadOptions::plan_request`] with the bytes of [`LoadOptions::adapters`] counted on the
+    /// layers they target (each adapter's config and tensor header are read, no weight).
+    ///
+    /// Errors: an adapter that cannot be opened or whose config is not supported.
+    pub fn plan_request_with_adapters(&self, cfg: &ModelConfig) -> Result<PlanRequest> {
+        let adapters = adapter::open_all(self)?;
+        let mut req = self.plan_request(cfg);
+        (req.adapter_layer_bytes, req.adapter_head_bytes) = adapter::planned_bytes(&adapters, self.merge_adapters, cfg)?;
+        Ok(req)
+    }
 }
 
 /// Loads the model at `id` (a local folder in Hugging Face layout, or a llama.cpp `.gguf` file of
