@@ -23,14 +23,49 @@ impl ChatMessage {
     }
 }
 
-/// Instructions one render may execute: a template comes from a file anyone can write, and
-/// `{% for a in range(99999) %}{% for b in range(99999) %}` would otherwise run for hours.
-/// Real templates take a few hundred per message (see the tokenizer tests), so this allows
-/// conversations of thousands of messages and stops a runaway template in about a second.
-pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Fuel of one render (minijinja 3 charges an instruction, an item a filter walks, a byte
+/// written): a template comes from a file anyone can write, and `{% for a in range(99999) %}{%
+/// for b in range(99999) %}` would otherwise run for hours. Real templates take a few hundred
+/// units per message plus its length (see the tokenizer tests), so this allows conversations of
+/// thousands of long messages and stops a runaway template in well under a second.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
 
 /// Bytes one render may produce: far beyond any context, small enough to never exhaust memory.
 pub const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// Items (list entries, map keys and values, at every depth) one `{{ ... }}` may print. A list
+/// repeated by `*` is lazy in minijinja (up to 10^8 items, charged no fuel), and printing it
+/// walks every item even after the output cap has refused the bytes: seconds to minutes (the
+/// `chat_template` fuzz target's find). Real templates print strings.
+pub const TEMPLATE_MAX_PRINTED_ITEMS: usize = 1 << 16;
+
+/// Refuses to print a value holding more than `budget` items.
+fn check_printed_size(v: &minijinja::Value, budget: &mut usize) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind;
+    if !matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::Iterable | ValueKind::Plain) {
+        return Ok(());
+    }
+    let too_large = || {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("a printed value holds more than {TEMPLATE_MAX_PRINTED_ITEMS} items"),
+        )
+    };
+    if v.len().is_some_and(|n| n > *budget) {
+        return Err(too_large());
+    }
+    let Ok(items) = v.try_iter() else { return Ok(()) };
+    for item in items {
+        *budget = budget.checked_sub(1).ok_or_else(too_large)?;
+        if v.kind() == ValueKind::Map {
+            if let Ok(value) = v.get_item(&item) {
+                check_printed_size(&value, budget)?;
+            }
+        }
+        check_printed_size(&item, budget)?;
+    }
+    Ok(())
+}
 
 /// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
 struct Capped(Vec<u8>);
@@ -62,12 +97,21 @@ impl ChatTemplate {
         // transformers compiles chat templates with `trim_blocks` and `lstrip_blocks`: a block tag
         // swallows the newline after it and the indentation before it. Templates written over
         // several indented lines (Qwen2's, say) rely on it.
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| Error::ChatTemplate { reason: format!("the template syntax: {e}") })?;
+        env.set_syntax(syntax);
         // HF templates call Python string methods (`.strip()`, `.startswith()`...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // minijinja's own recursion limit (500) stays; loops are bounded by fuel.
         env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_formatter(|out, state, value| {
+            let mut budget = TEMPLATE_MAX_PRINTED_ITEMS;
+            check_printed_size(value, &mut budget)?;
+            minijinja::escape_formatter(out, state, value)
+        });
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
@@ -92,7 +136,7 @@ impl ChatTemplate {
         let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tmpl.render_captured_to(
                 minijinja::context! {
-                    messages => messages,
+                    messages => minijinja::value::Serde(messages),
                     add_generation_prompt => add_generation_prompt,
                     bos_token => bos_token,
                     eos_token => eos_token,
@@ -264,7 +308,9 @@ mod tests {
     }
 
     /// Hostile templates end in an error, quickly: a loop of 10^10 steps (fuel), unbounded
-    /// macro recursion (minijinja's limit), an output of gigabytes (the output cap).
+    /// macro recursion (minijinja's limit), an output of gigabytes (the output cap), a list
+    /// repeated 7.8 * 10^13 times (the `chat_template` fuzz target's hang under minijinja 2,
+    /// whose lazy repetition had no bound; minijinja 3 refuses sequences past 10^8 items).
     #[test]
     fn runaway_templates_end_in_an_error() {
         let messages = [ChatMessage::new("user", "hi")];
@@ -272,11 +318,16 @@ mod tests {
             "{% for a in range(99999) %}{% for b in range(99999) %}{{ a }}{% endfor %}{% endfor %}",
             "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
             "{% for a in range(99999) %}{{ 'x' * 99999999 }}{% endfor %}",
+            "{E{{['ontent'] *77733379653924 }}\n'}}co|",
+            "{{ (['x'] * 99999999) | join }}",
+            "{{ ['ontent'] * 55554 * 924 }}",
+            "{{ [(['x'] * 9999999)] }}",
         ] {
             let started = std::time::Instant::now();
             let tmpl = ChatTemplate::new(source.to_string()).unwrap();
             let err = tmpl.render(&messages, true, "", "").unwrap_err();
             assert!(matches!(err, Error::ChatTemplate { .. }), "{source}: {err}");
+            eprintln!("{source}: {:?}", started.elapsed());
             assert!(started.elapsed().as_secs() < 20, "{source} took {:?}", started.elapsed());
         }
     }
@@ -303,8 +354,9 @@ mod tests {
     #[test]
     fn real_templates_render_long_conversations_within_the_fuel() {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        // 2,000 messages of 200 bytes: 400 KB, a 100,000-token conversation.
         let messages: Vec<ChatMessage> = (0..2000)
-            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, format!("message {i}")))
+            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, format!("message {i} {}", "x".repeat(188))))
             .collect();
         for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-phi3"] {
             let source = std::fs::read_to_string(models.join(name).join("chat_template.jinja")).unwrap();
