@@ -33,6 +33,10 @@ pub struct Spec {
     /// For nibble: a PEFT LoRA adapter folder to run unmerged on top.
     #[serde(default)]
     pub adapter: Option<PathBuf>,
+    /// For nibble: also decode `decode` tokens after a prompt of each of these lengths (0: one
+    /// token), as llama-bench's `-d` does.
+    #[serde(default)]
+    pub depths: Vec<usize>,
 }
 
 /// What was measured.
@@ -59,6 +63,13 @@ pub struct Measured {
     /// Bytes of the checkpoint's files (safetensors or GGUF).
     #[serde(default)]
     pub checkpoint_bytes: u64,
+    /// Decode tokens/s after a prompt of each of [`Spec::depths`] (best of up to three runs).
+    #[serde(default)]
+    pub decode_at: Vec<(usize, f64)>,
+    /// Bytes of KV cache one position holds (and a decode step reads), every layer's keys and
+    /// values in the cache's dtype.
+    #[serde(default)]
+    pub kv_bytes_per_position: u64,
 }
 
 /// The nibble configuration named `name`: the quantization and the model dtype (the quantized
@@ -105,7 +116,7 @@ fn run_nibble(spec: &Spec) -> Result<Measured> {
         quant,
         dtype,
         device_map: DeviceMap::Cpu,
-        max_seq_len: Some(spec.prefill.max(spec.decode + 8) + 16),
+        max_seq_len: Some(spec.prefill.max(spec.depths.iter().max().unwrap_or(&0) + spec.decode + 8) + 16),
         adapters: spec
             .adapter
             .iter()
@@ -144,11 +155,19 @@ fn run_nibble(spec: &Spec) -> Result<Measured> {
         let g = model.generate(&long, &greedy(1), |_| {})?;
         Ok((spec.prefill as f64, g.prefill_secs))
     })?;
-    let short = prompt(8, vocab);
-    m.decode_tps = best_rate(|| {
-        let g = model.generate(&short, &greedy(spec.decode), |_| {})?;
-        Ok((g.tokens.len().saturating_sub(1) as f64, g.decode_secs))
-    })?;
+    let decode_after = |n: usize| {
+        let p = prompt(n, vocab);
+        best_rate(|| {
+            let g = model.generate(&p, &greedy(spec.decode), |_| {})?;
+            Ok((g.tokens.len().saturating_sub(1) as f64, g.decode_secs))
+        })
+    };
+    m.decode_tps = decode_after(8)?;
+    for &d in &spec.depths {
+        m.decode_at.push((d, decode_after(d.max(1))?));
+    }
+    let kv_values = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim;
+    m.kv_bytes_per_position = (kv_values * model.dtype().size_in_bytes()) as u64;
     Ok(m)
 }
 
@@ -181,23 +200,17 @@ fn run_candle(spec: &Spec) -> Result<Measured> {
     let mut file = File::open(&spec.path).with_context(|| format!("opening {}", spec.path.display()))?;
     let content = gguf_file::Content::read(&mut file)?;
     let mut m = Measured::default();
-    let has_output = content.tensor_infos.contains_key("output.weight");
     let mut vocab = 0;
     for (name, info) in &content.tensor_infos {
-        let bytes = (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
-        m.resident_bytes += bytes;
+        m.resident_bytes += gguf_tensor_bytes(info);
         m.largest_f32 = m.largest_f32.max(info.shape.elem_count() as u64 * 4);
         if name == "token_embd.weight" {
             vocab = info.shape.dims().first().copied().unwrap_or(0);
-            // candle keeps a dequantized f32 copy for the lookup; the matrix itself is read per
-            // token only when it doubles as the output layer.
+            // candle keeps a dequantized f32 copy for the lookup.
             m.resident_bytes += info.shape.elem_count() as u64 * 4;
-            if has_output {
-                continue;
-            }
         }
-        m.bytes_per_token += bytes;
     }
+    m.bytes_per_token = gguf_bytes_per_token(&content);
     let mut model = ModelWeights::from_gguf(content, &mut file, &dev)?;
     m.load_s = t0.elapsed().as_secs_f64();
     let short = prompt(8, vocab);
@@ -224,6 +237,23 @@ fn run_candle(spec: &Spec) -> Result<Measured> {
         Ok((spec.decode.saturating_sub(1) as f64, t.elapsed().as_secs_f64()))
     })?;
     Ok(m)
+}
+
+/// Bytes of one GGUF tensor as stored.
+fn gguf_tensor_bytes(info: &gguf_file::TensorInfo) -> u64 {
+    (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
+}
+
+/// Bytes of weights a decode step of a GGUF model reads: every tensor once, except the token
+/// embedding (one row is looked up) unless it doubles as the output layer.
+pub fn gguf_bytes_per_token(content: &gguf_file::Content) -> u64 {
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    content
+        .tensor_infos
+        .iter()
+        .filter(|(name, _)| !(has_output && name.as_str() == "token_embd.weight"))
+        .map(|(_, info)| gguf_tensor_bytes(info))
+        .sum()
 }
 
 /// Total size of the weight files at `path` (a folder's `.safetensors` files, or one file).

@@ -10,6 +10,7 @@
 mod child;
 mod machine;
 mod micro;
+mod peer;
 mod synth;
 
 use std::fmt::Write as _;
@@ -80,6 +81,20 @@ struct Args {
     /// The adapter rank of `--lora`.
     #[arg(long, default_value_t = 8)]
     lora_rank: usize,
+    /// Only compare nibble with llama.cpp (its `llama-bench`, built from the llama-cpp-python
+    /// sdist on PyPI and cached): decode at each `--depths`, prefill, bandwidth floors
+    /// (issue 17).
+    #[arg(long)]
+    llama_cpp: bool,
+    /// Tokens already in the cache before each `--llama-cpp` decode measurement.
+    #[arg(long, value_delimiter = ',', default_value = "0,512,2048")]
+    depths: Vec<usize>,
+    /// nibble configurations of `--llama-cpp` on SmolLM2.
+    #[arg(long, value_delimiter = ',', default_value = "nf4,nf4-dq,fp4,int8")]
+    peer_configs: Vec<String>,
+    /// nibble configurations of `--llama-cpp` on Qwen2.5-Coder-0.5B.
+    #[arg(long, value_delimiter = ',', default_value = "nf4")]
+    peer_qwen_configs: Vec<String>,
     /// Internal: run one measurement (JSON `Spec`) and print its JSON result.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -106,6 +121,9 @@ fn main() -> Result<()> {
     eprintln!("load average: {}", machine.loadavg);
     if args.lora {
         return lora_report(&args, &machine);
+    }
+    if args.llama_cpp {
+        return peer::report(&args, &machine);
     }
     let (bw1, bw_all) = machine::read_bandwidth(args.bandwidth_mib << 20, 5);
     eprintln!("read bandwidth: {:.1} GB/s (1 thread), {:.1} GB/s (all threads)", bw1 / 1e9, bw_all / 1e9);
@@ -278,7 +296,6 @@ fn measure(model: &str, system: &str, kind: &str, path: &Path, config: &str, arg
 
 /// [`measure`] with a LoRA adapter folder on top (nibble only).
 fn measure_with(model: &str, system: &str, kind: &str, path: &Path, config: &str, args: &Args, adapter: Option<PathBuf>) -> Row {
-    eprintln!("measuring {model} / {system}");
     let spec = Spec {
         system: kind.into(),
         path: path.to_path_buf(),
@@ -286,10 +303,17 @@ fn measure_with(model: &str, system: &str, kind: &str, path: &Path, config: &str
         decode: args.decode_tokens,
         prefill: args.prefill_tokens,
         adapter,
+        depths: Vec::new(),
     };
+    run_child(model, system, &spec)
+}
+
+/// Runs `spec` in a child process of this binary.
+fn run_child(model: &str, system: &str, spec: &Spec) -> Row {
+    eprintln!("measuring {model} / {system}");
     let result = (|| -> Result<Measured> {
         let exe = std::env::current_exe()?;
-        let out = Command::new(exe).arg("--child").arg(serde_json::to_string(&spec)?).output()?;
+        let out = Command::new(exe).arg("--child").arg(serde_json::to_string(spec)?).output()?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             bail!("{}", err.lines().last().unwrap_or("child failed").trim());
