@@ -214,3 +214,29 @@ fn render(machine: &Machine, bw: f64, build: &str, depths: &[usize], args: &Args
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama-bench's JSON (one test as its `-o json` prints it, fields trimmed) parses, and the
+    /// best repetition is the one kept.
+    #[test]
+    fn reads_llama_bench_json() {
+        let json = r#"[{"build_commit": "0c1e570", "n_prompt": 0, "n_gen": 128, "n_depth": 512,
+            "avg_ts": 31.9, "samples_ns": [1, 2, 3], "samples_ts": [31.2, 32.8, 31.7]}]"#;
+        let tests: Vec<BenchTest> = serde_json::from_str(json).unwrap();
+        assert_eq!((tests[0].n_gen, tests[0].n_depth, tests[0].build_commit.as_str()), (128, 512, "0c1e570"));
+        assert_eq!(tests[0].samples_ts.iter().copied().fold(0.0, f64::max), 32.8);
+    }
+
+    /// The floor: bandwidth over the weights plus the cache at its mean length.
+    #[test]
+    fn the_floor_counts_weights_and_the_cache() {
+        let r = PeerRow { system: String::new(), prefill_tps: 0.0, decode_at: vec![(0, 50.0)], weight_bytes: 1000, kv_bytes: 10 };
+        assert_eq!(r.floor(0, 100, 1e6), 1e6 / 1500.0);
+        assert_eq!(r.floor(450, 100, 1e6), 1e6 / 6000.0);
+        assert_eq!(r.decode(0), Some(50.0));
+        assert_eq!(r.decode(512), None);
+    }
+}
