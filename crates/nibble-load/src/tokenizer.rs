@@ -67,6 +67,60 @@ fn check_printed_size(v: &minijinja::Value, budget: &mut usize) -> std::result::
     Ok(())
 }
 
+/// Characters of code (outside string literals and whitespace) one `{{ }}` or `{% %}` tag may
+/// hold. minijinja's parser guards the nesting of brackets but not of chains (`- - - x`, `not not
+/// x`, `1+1+...`, `a.b.c...`, `x|f|f...`): each link is one more level of recursion in the
+/// parser, the code generator and the tree's drop, and 20,000 links overflow a thread's stack
+/// (the `chat_template` fuzz target's find). Real tags hold at most a few hundred.
+pub const TEMPLATE_MAX_TAG_CODE: usize = 4096;
+
+/// Stack of the thread a template compiles on: [`TEMPLATE_MAX_TAG_CODE`] levels of recursion
+/// fit many times over (a level takes well under a kilobyte of it).
+const COMPILE_STACK: usize = 64 << 20;
+
+/// Refuses a template with a tag of more than [`TEMPLATE_MAX_TAG_CODE`] characters of code.
+fn check_tag_code(source: &str) -> Result<()> {
+    let b = source.as_bytes();
+    let mut i = 0;
+    while i + 1 < b.len() {
+        let close: &[u8] = match (b[i], b[i + 1]) {
+            (b'{', b'{') => b"}}",
+            (b'{', b'%') => b"%}",
+            (b'{', b'#') => b"#}",
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        let comment = close == b"#}";
+        i += 2;
+        let mut code = 0usize;
+        while i < b.len() && !b[i..].starts_with(close) {
+            match b[i] {
+                q @ (b'\'' | b'"') if !comment => {
+                    // A string literal: skipped to its closing quote (escapes included).
+                    i += 1;
+                    while i < b.len() && b[i] != q {
+                        i += if b[i] == b'\\' { 2 } else { 1 };
+                    }
+                }
+                c if !comment && !c.is_ascii_whitespace() => {
+                    code += 1;
+                    if code > TEMPLATE_MAX_TAG_CODE {
+                        return Err(Error::ChatTemplate {
+                            reason: format!("a tag holds more than {TEMPLATE_MAX_TAG_CODE} characters of code"),
+                        });
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        i += 2;
+    }
+    Ok(())
+}
+
 /// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
 struct Capped(Vec<u8>);
 
@@ -115,8 +169,18 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", source)
-            .map_err(|e| Error::ChatTemplate { reason: format!("the template does not compile: {e}") })?;
+        check_tag_code(&source)?;
+        // Compiled on a thread with a stack sized for the deepest chain a tag may hold.
+        let compiled = std::thread::scope(|scope| {
+            let job = std::thread::Builder::new()
+                .stack_size(COMPILE_STACK)
+                .spawn_scoped(scope, move || env.add_template_owned("chat", source).map(|()| env).map_err(|e| e.to_string()));
+            match job {
+                Ok(handle) => handle.join().unwrap_or_else(|_| Err("the template compiler panicked".into())),
+                Err(e) => Err(format!("cannot start the compiling thread: {e}")),
+            }
+        });
+        let env = compiled.map_err(|e| Error::ChatTemplate { reason: format!("the template does not compile: {e}") })?;
         Ok(Self { env })
     }
 
@@ -330,6 +394,27 @@ mod tests {
             eprintln!("{source}: {:?}", started.elapsed());
             assert!(started.elapsed().as_secs() < 20, "{source} took {:?}", started.elapsed());
         }
+    }
+
+    /// Chains of 20,000 links in one tag overflowed the stack inside minijinja's parser (the
+    /// fuzz target's find: 22,244 `-` in a row): refused before parsing; chains up to the limit
+    /// compile, on a test thread's small stack too, and render.
+    #[test]
+    fn deep_chains_are_refused_or_compiled_never_a_stack_overflow() {
+        let messages = [ChatMessage::new("user", "hi")];
+        for (link, n) in [("-", 20_000), ("not ", 20_000), ("+1", 20_000), (".a", 20_000), ("|trim", 20_000)] {
+            let source = match link {
+                "-" | "not " => format!("{{{{ {}1 }}}}", link.repeat(n)),
+                _ => format!("{{{{ x{} }}}}", link.repeat(n)),
+            };
+            let err = ChatTemplate::new(source).unwrap_err();
+            assert!(err.to_string().contains("characters of code"), "{link}: {err}");
+        }
+        let deep = format!("{{{{ {}1 }}}}", "-".repeat(TEMPLATE_MAX_TAG_CODE - 1));
+        assert_eq!(ChatTemplate::new(deep).unwrap().render(&messages, true, "", "").unwrap(), "-1");
+        // Long string literals and comments are not code.
+        let long = format!("{{% set s = '{}' %}}{{# {} #}}{{{{ s | length }}}}", "x".repeat(50_000), "y".repeat(50_000));
+        assert_eq!(ChatTemplate::new(long).unwrap().render(&messages, true, "", "").unwrap(), "50000");
     }
 
     /// A slice minijinja's arithmetic overflows on (the `chat_template` fuzz target's find) is
