@@ -105,9 +105,13 @@ impl LoadOptions {
     ///
     /// Errors: an adapter that cannot be opened or whose config is not supported.
     pub fn plan_request_with_adapters(&self, cfg: &ModelConfig) -> Result<PlanRequest> {
-        let adapters = adapter::open_all(self)?;
+        self.plan_request_for(cfg, &adapter::open_all(self)?)
+    }
+
+    /// [`LoadOptions::plan_request`] with the bytes of the opened `adapters` counted.
+    pub(crate) fn plan_request_for(&self, cfg: &ModelConfig, adapters: &[adapter::Adapter]) -> Result<PlanRequest> {
         let mut req = self.plan_request(cfg);
-        (req.adapter_layer_bytes, req.adapter_head_bytes) = adapter::planned_bytes(&adapters, self.merge_adapters, cfg)?;
+        (req.adapter_layer_bytes, req.adapter_head_bytes) = adapter::planned_bytes(adapters, self.merge_adapters, cfg)?;
         Ok(req)
     }
 }

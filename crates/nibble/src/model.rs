@@ -158,9 +158,8 @@ pub(crate) fn build_llama<P: WeightProvider>(b: Build<'_>, make: impl FnOnce(Pro
 pub(crate) fn placement(cfg: &ModelConfig, opts: &LoadOptions, dtype: DType, adapters: &[Adapter]) -> Result<(Placement, Plan)> {
     let quant = effective_quant(cfg, &opts.quant)?;
     let inventory = opts.inventory.clone().unwrap_or_else(Inventory::detect);
-    let mut request = opts.plan_request(cfg);
+    let mut request = opts.plan_request_for(cfg, adapters)?;
     request.dtype = dtype;
-    (request.adapter_layer_bytes, request.adapter_head_bytes) = adapter::planned_bytes(adapters, opts.merge_adapters, cfg)?;
     let plan = nibble_plan::plan(cfg, &quant, &request, &inventory)?;
     for u in &plan.usage {
         tracing::info!(
