@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-bench` from the llama-cpp-python source package on PyPI, the peer
-# nibble-bench compares against; prints the folder holding the binary.
+# Builds llama.cpp's `llama-bench` and `llama-server` from the llama-cpp-python source package on
+# PyPI, the peers nibble-bench and serve_bench.py compare against; prints the folder holding them.
 #   bash crates/nibble-bench/scripts/llama-cpp.sh [CACHE_DIR]
 # CACHE_DIR defaults to $XDG_CACHE_HOME/nibble-bench (~/.cache/nibble-bench); a finished build is
 # reused. cmake comes from Debian (apt-get, when root), else from PyPI into a venv in the cache.
@@ -12,7 +12,7 @@ index=${PIP_INDEX_URL:-https://pypi.org/simple}
 cache=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/nibble-bench}
 root="$cache/llama-cpp-python-$version"
 bin="$root/build/bin"
-if [ -x "$bin/llama-bench" ]; then
+if [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-server" ]; then
     echo "$bin"
     exit 0
 fi
@@ -47,7 +47,7 @@ log="$cache/llama-cpp-build.log"
         -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx"
-    cmake --build "$root.part/build" --target llama-bench -j "$(nproc)"
+    cmake --build "$root.part/build" --target llama-bench llama-server -j "$(nproc)"
     rm -rf "$root"
     mv "$root.part" "$root"
 } >"$log" 2>&1 || { echo "building llama.cpp failed; see $log" >&2; tail -20 "$log" >&2; exit 1; }

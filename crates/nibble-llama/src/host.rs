@@ -386,7 +386,8 @@ impl Llama {
             rope(k, hd, cos, sin, p);
             // `[batch, kv_heads, head_dim]` is `[batch, kv_heads, 1, head_dim]`: one position.
             kv.append(k, v, 1)?;
-            self.attend(q, kv, b, nh, nkv, hd)
+            let seqs: Vec<(&HostKv, usize, usize)> = (0..b).map(|bi| (&*kv, bi, usize::MAX)).collect();
+            self.attend(q, &seqs, nh, nkv, hd)
         })?;
         Ok(Tensor::from_vec(xs, (b, 1, h), &Device::Cpu)?)
     }
@@ -411,15 +412,16 @@ impl Llama {
             return Err(Error::invalid_argument("rots", format!("{} positions for {n} sequences", rots.len())));
         }
         self.layer_rows(layer, xs, n, sel, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
-            let mut out = Vec::with_capacity(n * qw);
             for (i, (kv, (cos, sin))) in kvs.iter_mut().zip(rots).enumerate() {
                 let (qi, ki) = (&mut q[i * qw..(i + 1) * qw], &mut k[i * kw..(i + 1) * kw]);
                 rope(qi, hd, cos, sin, p);
                 rope(ki, hd, cos, sin, p);
                 kv.append(ki, &v[i * kw..(i + 1) * kw], 1)?;
-                out.extend(self.attend(qi, kv, 1, nh, nkv, hd)?);
             }
-            Ok(out)
+            // Every row's heads in one hand-off to the kernel team, so the two cores share
+            // the whole batch's attention instead of one row's few heads at a time.
+            let seqs: Vec<(&HostKv, usize, usize)> = kvs.iter().map(|kv| (&**kv, 0, usize::MAX)).collect();
+            self.attend(q, &seqs, nh, nkv, hd)
         })
     }
 
@@ -473,35 +475,38 @@ impl Llama {
         Ok(xs)
     }
 
-    /// Scaled dot-product attention of one query position per batch row (`q` is
-    /// `[batch, heads, head_dim]`) over every cached position; returns `[batch, heads * head_dim]`.
+    /// Scaled dot-product attention of one query position per sequence (`q` is
+    /// `[seqs, heads, head_dim]`; sequence `i` is batch row `seqs[i].1` of the cache `seqs[i].0`)
+    /// over the first `seqs[i].2` positions its cache holds (all of them, at most); returns
+    /// `[seqs, heads * head_dim]`.
     /// As torch's CPU flash kernel: f32 scores, the max-subtracted exponentials rounded to the
     /// model dtype for the product with V, accumulated in f32 and divided by the f32 sum of the
     /// unrounded exponentials at the end, then rounded once.
-    fn attend(&self, q: &[f32], kv: &HostKv, b: usize, nh: usize, nkv: usize, hd: usize) -> Result<Vec<f32>> {
+    fn attend(&self, q: &[f32], seqs: &[(&HostKv, usize, usize)], nh: usize, nkv: usize, hd: usize) -> Result<Vec<f32>> {
         let rep = nh / nkv.max(1);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let t = kv.kept();
         let p = self.precision();
         // The cache is read as held (16-bit models: bit patterns, widened in registers).
         let head = |i: usize, out: &mut [f32]| {
-            let (bi, hi) = (i / nh, i % nh);
+            let (si, hi) = (i / nh, i % nh);
+            let Some(&(kv, bi, upto)) = seqs.get(si) else { return };
+            let t = kv.kept().min(upto);
             let qh = &q[i * hd..(i + 1) * hd];
             let (keys, values) = kv.head(bi, hi / rep);
-            let mut s: Vec<f32> = (0..t).map(|j| keys.slice(j * hd, hd).dot(qh) * scale).collect();
+            let mut s = vec![0.0f32; t];
+            keys.dots(hd, qh, &mut s);
+            s.iter_mut().for_each(|v| *v *= scale);
             let sum = softmax_exp(&mut s);
             p.round_slice(&mut s);
-            out.fill(0.0);
-            for (j, &e) in s.iter().enumerate() {
-                values.slice(j * hd, hd).axpy(e, out);
-            }
+            values.weighted_sum(hd, &s, out);
             out.iter_mut().for_each(|o| *o = p.round(*o / sum));
         };
-        let mut out = vec![0.0f32; b * nh * hd];
+        let mut out = vec![0.0f32; seqs.len() * nh * hd];
         if q.len() != out.len() {
-            return Err(Error::invalid_argument("query", format!("{} values for {b} x {nh} heads of {hd}", q.len())));
+            return Err(Error::invalid_argument("query", format!("{} values for {} x {nh} heads of {hd}", q.len(), seqs.len())));
         }
-        if b * nh * t * hd >= PAR_ATTENTION_MACS {
+        let work: usize = seqs.iter().map(|(kv, _, upto)| kv.kept().min(*upto)).sum::<usize>().saturating_mul(nh * hd);
+        if work >= PAR_ATTENTION_MACS {
             for_each_chunk_mut(&mut out, hd, head);
         } else {
             for (i, o) in out.chunks_mut(hd).enumerate() {

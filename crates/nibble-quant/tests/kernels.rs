@@ -595,6 +595,39 @@ fn dense_matvec_matches_f64() {
     assert!(matmul_dense_with(Isa::Portable, DenseWeight::F32(&[1.0; 6]), 2, 2, &[1.0; 2], 1).is_err());
 }
 
+/// A 16-bit dense product gives every row the same bits whatever the instruction set (AVX2's
+/// two 8-lane sums are AVX-512's one 16-lane sum) and whatever rows it runs beside (1 to 16 at
+/// once, across the kernels' 4- and 8-row groups).
+#[test]
+fn dense_16bit_rows_are_bit_equal_across_isas_and_batches() {
+    use nibble_quant::kernels::{matmul_dense_with, DenseWeight};
+    let mut rng = Rng(29);
+    for (n_out, n_in) in [(5, 576), (9, 1000), (3, 4099), (4, 8), (2, 24)] {
+        let w = rng.vec(n_out * n_in, 0.5);
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let x = rng.vec(16 * n_in, 1.0);
+        for (name, dw) in [("f16", DenseWeight::F16(&wh)), ("bf16", DenseWeight::Bf16(&wb))] {
+            let mut first: Option<Vec<u32>> = None;
+            for isa in Isa::supported().into_iter().filter(|i| *i != Isa::Portable) {
+                let alone: Vec<u32> = (0..16)
+                    .flat_map(|r| matmul_dense_with(isa, dw, n_out, n_in, &x[r * n_in..(r + 1) * n_in], 1).unwrap())
+                    .map(f32::to_bits)
+                    .collect();
+                for rows in 1..=16 {
+                    let y = matmul_dense_with(isa, dw, n_out, n_in, &x[..rows * n_in], rows).unwrap();
+                    let y: Vec<u32> = y.into_iter().map(f32::to_bits).collect();
+                    assert_eq!(y, alone[..rows * n_out], "{isa:?} {name} [{n_out}, {n_in}] {rows} rows");
+                }
+                match &first {
+                    None => first = Some(alone),
+                    Some(f) => assert_eq!(f, &alone, "{isa:?} {name} [{n_out}, {n_in}] differs from the first SIMD set"),
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn dense_linear_decode_matches_candle_matmul() {
     use nibble_quant::DenseLinear;

@@ -52,7 +52,7 @@ pub(super) fn permute_x64(x: &[f32]) -> Vec<f32> {
 /// Horizontal sum of 8 lanes.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -708,6 +708,121 @@ pub(super) unsafe fn dot_16bit_rows<const F16: bool, const R: usize>(w: *const u
         *o = s;
     }
     out
+}
+
+/// [`super::Rows::dots`] for 16-bit rows: `out[j]` is [`dot_16bit`] of the `d` values at `j d`.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dots_16bit<const F16: bool>(v: &[u16], d: usize, q: &[f32], out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let row = v.get(j * d..(j + 1) * d).unwrap_or(&[]);
+        *o = dot_16bit::<F16>(row.as_ptr(), q, row.len());
+    }
+}
+
+/// [`super::Rows::dots`] for f32 rows: `out[j]` is [`dot`] of the `d` values at `j d`.
+///
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dots_f32(v: &[f32], d: usize, q: &[f32], out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot(v.get(j * d..(j + 1) * d).unwrap_or(&[]), q);
+    }
+}
+
+/// [`super::Rows::weighted_sum`] for 16-bit rows.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn weighted_sum_16bit<const F16: bool>(v: &[u16], d: usize, e: &[f32], out: &mut [f32]) {
+    weighted_sum(v, d, e, out, F16)
+}
+
+/// Values read as f32, exactly: f32 as they are, u16 as bf16 or (`f16`) f16 bit patterns.
+pub(super) trait Lanes8: Copy {
+    /// 8 values at `p`.
+    ///
+    /// # Safety
+    /// The CPU must support avx2 and f16c; `p` must be valid for 8 values.
+    unsafe fn load8(p: *const Self, f16: bool) -> __m256;
+    /// One value.
+    fn widen(self, f16: bool) -> f32;
+}
+
+impl Lanes8 for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32, _: bool) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+
+    fn widen(self, _: bool) -> f32 {
+        self
+    }
+}
+
+impl Lanes8 for u16 {
+    fn widen(self, f16: bool) -> f32 {
+        if f16 { half::f16::from_bits(self).to_f32() } else { half::bf16::from_bits(self).to_f32() }
+    }
+
+    #[inline(always)]
+    unsafe fn load8(p: *const u16, f16: bool) -> __m256 {
+        let h = _mm_loadu_si128(p.cast());
+        if f16 {
+            _mm256_cvtph_ps(h)
+        } else {
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+}
+
+/// `out = sum_j e[j] v[j d .. (j + 1) d]` (16-bit values as f16 when `f16`), each term a fused
+/// multiply-add onto the sum so far, positions in order, as [`axpy_f32`] / [`axpy_16bit`] add
+/// them one call per position; here 64 outputs at a time stay in registers across positions.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn weighted_sum<T: Lanes8>(v: &[T], d: usize, e: &[f32], out: &mut [f32], f16: bool) {
+    out.fill(0.0);
+    let n = d.min(out.len());
+    // Positions whose `d` values all lie in `v`.
+    let t = if d == 0 { 0 } else { e.len().min(v.len() / d) };
+    let (vp, op) = (v.as_ptr(), out.as_mut_ptr());
+    // Columns `c0 .. c0 + 8 N` of every position; loads stay inside row `j` (c0 + 8 N <= n <= d).
+    macro_rules! columns {
+        ($n:expr, $c0:expr) => {{
+            let mut acc = [_mm256_setzero_ps(); $n];
+            for (j, &a) in e.iter().enumerate().take(t) {
+                let av = _mm256_set1_ps(a);
+                let row = vp.add(j * d + $c0);
+                for (c, s) in acc.iter_mut().enumerate() {
+                    *s = _mm256_fmadd_ps(av, T::load8(row.add(8 * c), f16), *s);
+                }
+            }
+            for (c, s) in acc.iter().enumerate() {
+                _mm256_storeu_ps(op.add($c0 + 8 * c), *s);
+            }
+        }};
+    }
+    let mut c0 = 0;
+    while c0 + 64 <= n {
+        columns!(8, c0);
+        c0 += 64;
+    }
+    while c0 + 8 <= n {
+        columns!(1, c0);
+        c0 += 8;
+    }
+    for (k, o) in out.iter_mut().enumerate().take(n).skip(c0) {
+        for (j, &a) in e.iter().enumerate().take(t) {
+            *o = a.mul_add((*vp.add(j * d + k)).widen(f16), *o);
+        }
+    }
 }
 
 /// `y[i] += a * w[i]` for the common length of 16-bit `w` (f16 when `F16`, else bf16) and `y`.

@@ -285,3 +285,58 @@ unsafe fn tile_m<const M: usize>(kc: usize, a: &[f32], lda: usize, b: &[f32], c:
         _mm512_storeu_ps(cp.add(r * ldc), *v);
     }
 }
+
+/// `sum w[i] x_j[i]` for `R` (up to 8) activation rows over `n.min(len)` 16-bit weights (f16
+/// when `F16`, else bf16), each weight widened once for all rows. The same sums in the same
+/// order as [`super::avx2::dot_16bit_rows`]: its two 8-lane accumulators over 16 values a step
+/// are the two halves of one zmm here, the last 8 values go into the lower half, and the halves
+/// are added and reduced as there. So a row's result does not depend on the instruction set or
+/// on the rows beside it.
+///
+/// # Safety
+/// The CPU must support avx512f, avx2, fma and f16c; `w` must be valid for `n` 16-bit values.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn dot_16bit_rows<const F16: bool, const R: usize>(w: *const u16, xs: [&[f32]; R], n: usize) -> [f32; R] {
+    let n = xs.iter().fold(n, |n, x| n.min(x.len()));
+    let xp: [*const f32; R] = std::array::from_fn(|j| xs[j].as_ptr());
+    let widen = |h: __m256i| {
+        if F16 {
+            _mm512_cvtph_ps(h)
+        } else {
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+        }
+    };
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut i = 0;
+    // Loads read `i .. i + 16 <= n` of each.
+    while i + 16 <= n {
+        // 1 KiB ahead, as the AVX2 kernel (a decode's `lm_head` streams tens of MiB).
+        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i + 512).cast());
+        let wv = widen(_mm256_loadu_si256(w.add(i).cast()));
+        for (a, x) in acc.iter_mut().zip(&xp) {
+            *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(i)), *a);
+        }
+        i += 16;
+    }
+    if i + 8 <= n {
+        // The lower 8 lanes only; the loads read `i .. i + 8 <= n`.
+        let wv = widen(_mm256_zextsi128_si256(_mm_loadu_si128(w.add(i).cast())));
+        for (a, x) in acc.iter_mut().zip(&xp) {
+            *a = _mm512_mask3_fmadd_ps(wv, _mm512_maskz_loadu_ps(0xff, x.add(i)), *a, 0xff);
+        }
+        i += 8;
+    }
+    let mut out = [0.0f32; R];
+    for ((o, a), x) in out.iter_mut().zip(&acc).zip(&xs) {
+        let lo = _mm512_castps512_ps256(*a);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*a)));
+        let mut s = super::avx2::hsum(_mm256_add_ps(lo, hi));
+        for (k, &xv) in x.iter().enumerate().take(n).skip(i) {
+            let bits = *w.add(k);
+            let v = if F16 { half::f16::from_bits(bits).to_f32() } else { half::bf16::from_bits(bits).to_f32() };
+            s += v * xv;
+        }
+        *o = s;
+    }
+    out
+}

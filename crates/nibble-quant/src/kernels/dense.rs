@@ -75,8 +75,9 @@ pub fn matmul_dense_with(
         return Ok(y);
     }
     // Several rows: each weight row is read once for every activation row (16-bit weights are
-    // widened once for up to four rows; a row's result is the same dot as alone, so it does not
-    // depend on the batch), into `[out, rows]`, then transposed.
+    // widened once for up to `rows_at_once` rows; a row's result is the same dot as alone, so it
+    // does not depend on the batch), into `[out, rows]`, then transposed.
+    let group = rows_at_once(isa);
     let xs: Vec<&[f32]> = x.chunks_exact(in_features).collect();
     let mut yt = vec![0.0f32; rows * out_features];
     for_each_chunk_mut(&mut yt, per_task * rows, |t, yc| {
@@ -84,7 +85,7 @@ pub fn matmul_dense_with(
             let o = t * per_task + i;
             let mut r0 = 0;
             while r0 < rows {
-                let r = (rows - r0).min(4);
+                let r = (rows - r0).min(group);
                 let got = dots(isa, w, o, in_features, &xs[r0..r0 + r]);
                 ys[r0..r0 + r].copy_from_slice(&got[..r]);
                 r0 += r;
@@ -99,10 +100,17 @@ pub fn matmul_dense_with(
     Ok(y)
 }
 
-/// Weight row `o` dotted with each of the 1..=4 rows `xs` (the first `xs.len()` values).
-fn dots(isa: Isa, w: DenseWeight<'_>, o: usize, in_features: usize, xs: &[&[f32]]) -> [f32; 4] {
+/// Activation rows [`dots`] takes at once: the AVX-512 16-bit kernel has room for 8
+/// accumulators, the AVX2 one for 4 (in its 16 registers).
+fn rows_at_once(isa: Isa) -> usize {
+    if isa == Isa::Avx512 { 8 } else { 4 }
+}
+
+/// Weight row `o` dotted with each of the 1..=[`rows_at_once`] rows `xs` (the first
+/// `xs.len()` values).
+fn dots(isa: Isa, w: DenseWeight<'_>, o: usize, in_features: usize, xs: &[&[f32]]) -> [f32; 8] {
     let (a, b) = (o * in_features, (o + 1) * in_features);
-    let mut out = [0.0f32; 4];
+    let mut out = [0.0f32; 8];
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
         let (bits, f16): (&[u16], bool) = match w {
@@ -112,23 +120,27 @@ fn dots(isa: Isa, w: DenseWeight<'_>, o: usize, in_features: usize, xs: &[&[f32]
         };
         if !bits.is_empty() {
             macro_rules! rows {
-                ($f16:expr, $r:expr) => {{
+                ($kernel:ident, $f16:expr, $r:expr) => {{
                     let xr: [&[f32]; $r] = std::array::from_fn(|j| xs[j]);
-                    // SAFETY: `isa` passed `Isa::check` (avx2+fma+f16c detected); `bits` holds
-                    // the row's `in_features` values.
-                    let got = unsafe { super::avx2::dot_16bit_rows::<$f16, $r>(bits.as_ptr(), xr, bits.len()) };
+                    // SAFETY: `isa` passed `Isa::check` (avx2+fma+f16c detected, and avx512f for
+                    // the AVX-512 kernel); `bits` holds the row's `in_features` values.
+                    let got = unsafe { super::$kernel::dot_16bit_rows::<$f16, $r>(bits.as_ptr(), xr, bits.len()) };
                     out[..$r].copy_from_slice(&got);
                 }};
             }
-            match (f16, xs.len()) {
-                (false, 1) => rows!(false, 1),
-                (false, 2) => rows!(false, 2),
-                (false, 3) => rows!(false, 3),
-                (false, _) => rows!(false, 4),
-                (true, 1) => rows!(true, 1),
-                (true, 2) => rows!(true, 2),
-                (true, 3) => rows!(true, 3),
-                (true, _) => rows!(true, 4),
+            macro_rules! by_rows {
+                ($kernel:ident, $f16:expr, [$($r:expr),*], $last:expr) => {
+                    match xs.len() {
+                        $($r => rows!($kernel, $f16, $r),)*
+                        _ => rows!($kernel, $f16, $last),
+                    }
+                };
+            }
+            match (isa == Isa::Avx512, f16) {
+                (true, false) => by_rows!(avx512, false, [1, 2, 3, 4, 5, 6, 7], 8),
+                (true, true) => by_rows!(avx512, true, [1, 2, 3, 4, 5, 6, 7], 8),
+                (false, false) => by_rows!(avx2, false, [1, 2, 3], 4),
+                (false, true) => by_rows!(avx2, true, [1, 2, 3], 4),
             }
             return out;
         }

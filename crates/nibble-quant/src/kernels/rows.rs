@@ -85,6 +85,52 @@ impl<'a> Rows<'a> {
     }
 }
 
+impl Rows<'_> {
+    /// `out[j] = self[j d .. (j + 1) d] . q` for every `j < out.len()`: the scores of a query
+    /// against positions held `d` values apart. Each is [`Rows::dot`]'s sum, in its order; the
+    /// loop over positions runs inside one kernel call instead of one call per position.
+    pub fn dots(&self, d: usize, q: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect().avx2() {
+            // SAFETY: `Isa::detect` returns only supported sets (avx2+fma+f16c detected); the
+            // kernels read within `self` and `q` and write within `out`.
+            unsafe {
+                match *self {
+                    Rows::F32(v) => super::avx2::dots_f32(v, d, q, out),
+                    Rows::Bf16(v) => super::avx2::dots_16bit::<false>(v, d, q, out),
+                    Rows::F16(v) => super::avx2::dots_16bit::<true>(v, d, q, out),
+                }
+            }
+            return;
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = self.slice(j * d, d).dot(q);
+        }
+    }
+
+    /// `out = sum_j e[j] self[j d .. (j + 1) d]`, over `j` in order from zero, each term added
+    /// as [`Rows::axpy`] adds it: the values of an attention head weighted by its scores. The
+    /// sums stay in registers across positions instead of going through memory at each one.
+    pub fn weighted_sum(&self, d: usize, e: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect().avx2() {
+            // SAFETY: as in [`Rows::dots`].
+            unsafe {
+                match *self {
+                    Rows::F32(v) => super::avx2::weighted_sum(v, d, e, out, false),
+                    Rows::Bf16(v) => super::avx2::weighted_sum_16bit::<false>(v, d, e, out),
+                    Rows::F16(v) => super::avx2::weighted_sum_16bit::<true>(v, d, e, out),
+                }
+            }
+            return;
+        }
+        out.fill(0.0);
+        for (j, &a) in e.iter().enumerate() {
+            self.slice(j * d, d).axpy(a, out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +154,33 @@ mod tests {
             assert_eq!(y, expect);
             assert_eq!(rows.slice(70, 20).len(), 7);
             assert!(rows.slice(90, 2).is_empty());
+        }
+    }
+
+    /// The batched score and weighted-sum loops give exactly what the per-position calls give,
+    /// for head sizes on and off the 8- and 64-value steps.
+    #[test]
+    fn position_loops_equal_the_calls_they_replace() {
+        for d in [3usize, 8, 24, 64, 72, 128] {
+            let t = 13;
+            let vals: Vec<f32> = (0..t * d).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
+            let q: Vec<f32> = (0..d).map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0).collect();
+            let e: Vec<f32> = (0..t).map(|j| 1.0 / (j as f32 + 1.7)).collect();
+            let b: Vec<u16> = vals.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+            let h: Vec<u16> = vals.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+            for rows in [Rows::F32(&vals), Rows::Bf16(&b), Rows::F16(&h)] {
+                let mut got = vec![0.0f32; t];
+                rows.dots(d, &q, &mut got);
+                let want: Vec<f32> = (0..t).map(|j| rows.slice(j * d, d).dot(&q)).collect();
+                assert_eq!(got, want, "dots d={d} {rows:?}");
+                let mut got = vec![f32::NAN; d];
+                rows.weighted_sum(d, &e, &mut got);
+                let mut want = vec![0.0f32; d];
+                for (j, &a) in e.iter().enumerate() {
+                    rows.slice(j * d, d).axpy(a, &mut want);
+                }
+                assert_eq!(got, want, "weighted_sum d={d}");
+            }
         }
     }
 }
