@@ -791,7 +791,7 @@ pub(super) unsafe fn weighted_sum<T: Lanes8>(v: &[T], d: usize, e: &[f32], out: 
     out.fill(0.0);
     let n = d.min(out.len());
     // Positions whose `d` values all lie in `v`.
-    let t = if d == 0 { 0 } else { e.len().min(v.len() / d) };
+    let t = v.len().checked_div(d).map_or(0, |rows| e.len().min(rows));
     let (vp, op) = (v.as_ptr(), out.as_mut_ptr());
     // Columns `c0 .. c0 + 8 N` of every position; loads stay inside row `j` (c0 + 8 N <= n <= d).
     macro_rules! columns {
