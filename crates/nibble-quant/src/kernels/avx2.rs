@@ -733,15 +733,6 @@ pub(super) unsafe fn dots_f32(v: &[f32], d: usize, q: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`super::Rows::weighted_sum`] for 16-bit rows.
-///
-/// # Safety
-/// The CPU must support avx2, fma and f16c.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn weighted_sum_16bit<const F16: bool>(v: &[u16], d: usize, e: &[f32], out: &mut [f32]) {
-    weighted_sum(v, d, e, out, F16)
-}
-
 /// Values read as f32, exactly: f32 as they are, u16 as bf16 or (`f16`) f16 bit patterns.
 pub(super) trait Lanes8: Copy {
     /// 8 values at `p`.
@@ -771,12 +762,7 @@ impl Lanes8 for u16 {
 
     #[inline(always)]
     unsafe fn load8(p: *const u16, f16: bool) -> __m256 {
-        let h = _mm_loadu_si128(p.cast());
-        if f16 {
-            _mm256_cvtph_ps(h)
-        } else {
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-        }
+        if f16 { load16::<true>(p, 0) } else { load16::<false>(p, 0) }
     }
 }
 

@@ -118,8 +118,8 @@ impl Rows<'_> {
             unsafe {
                 match *self {
                     Rows::F32(v) => super::avx2::weighted_sum(v, d, e, out, false),
-                    Rows::Bf16(v) => super::avx2::weighted_sum_16bit::<false>(v, d, e, out),
-                    Rows::F16(v) => super::avx2::weighted_sum_16bit::<true>(v, d, e, out),
+                    Rows::Bf16(v) => super::avx2::weighted_sum(v, d, e, out, false),
+                    Rows::F16(v) => super::avx2::weighted_sum(v, d, e, out, true),
                 }
             }
             return;
