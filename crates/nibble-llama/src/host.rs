@@ -1,4 +1,4 @@
-//! The decode step of a CPU layer, on plain host buffers.
+//! The decode step and the generation prefill of a CPU layer, on plain host buffers.
 //!
 //! A decode step is one token through every layer: a few hundred small operations per token.
 //! Through candle each is a tensor with its own allocation, dispatch and layout checks, which
@@ -8,8 +8,10 @@
 //! ([`HostKv`]). The arithmetic is the candle path's, op for op (RMSNorm, rotate-half RoPE,
 //! scaled dot-product attention with max-subtracted exponentials, SiLU): f32 values rounded to
 //! the model dtype wherever transformers' op returns a tensor of that dtype, so both paths agree
-//! to float rounding; prefill (many tokens at once) stays on candle, whose blocked matmuls win
-//! there, and shares the same cache.
+//! to float rounding. A one-sequence prompt chunk whose last logits alone are wanted (a
+//! generation's prefill) runs the same code with every position a row of the products
+//! ([`Llama::layer_prefill_host`]); scoring every position (perplexity) and the batched or
+//! windowed cases stay on candle's tensors, and all share the same cache.
 
 use std::borrow::Cow;
 
@@ -300,6 +302,17 @@ fn split_columns(y: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
     out
 }
 
+/// `[t, heads, d]` (positions major) as `[heads, t, d]`.
+fn heads_major(x: &[f32], t: usize, heads: usize, d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for h in 0..heads {
+        for i in 0..t {
+            out.extend_from_slice(x.get((i * heads + h) * d..(i * heads + h + 1) * d).unwrap_or(&[]));
+        }
+    }
+    out
+}
+
 /// `g <- silu(g) * u` (SiLU of the gate times the up projection), the SiLU and the product each
 /// rounded to `p`, as candle's `silu` then a product, but with an `exp` the compiler
 /// vectorizes: libm's `expf` one value at a time was the costliest loop of a decode step left
@@ -421,6 +434,54 @@ impl Llama {
             // Every row's heads in one hand-off to the kernel team, so the two cores share
             // the whole batch's attention instead of one row's few heads at a time.
             let seqs: Vec<(&HostKv, usize, usize)> = kvs.iter().map(|kv| (&**kv, 0, usize::MAX)).collect();
+            self.attend(q, &seqs, nh, nkv, hd)
+        })
+    }
+
+    /// Whether a prompt chunk of `t` positions after the `cache.len()` cached ones, in a batch of
+    /// `batch`, runs on host buffers when only its last logits are asked for (a generation's
+    /// prefill; scoring every position always runs on tensors): one sequence, every layer on
+    /// the CPU with its keys and values on the host (or none yet), and no attention window that
+    /// the chunk's positions could leave (so slots are positions and a causal limit is the
+    /// whole mask).
+    pub fn prefills_on_host(&self, batch: usize, t: usize, cache: &crate::KvCache) -> bool {
+        let end = cache.len().saturating_add(t);
+        batch == 1
+            && t > 1
+            && self.layers.iter().all(|l| self.host_path(&l.device) && l.window.is_none_or(|w| end <= w))
+            && cache.layers.len() == self.layers.len()
+            && cache.layers.iter().all(|s| matches!(s, crate::Slot::Empty | crate::Slot::Host(_)))
+    }
+
+    /// A prompt chunk through `layer` on host buffers: `xs` is `[t, hidden]`, row `i` at the
+    /// position whose cos and sin are `rots[i]` (the `t` positions after the `kv.seen()` cached
+    /// ones). Every position is a row of the products (the blocked 4-bit kernel reads each
+    /// weight once for all of them); the keys and values are appended to `kv`, then each row
+    /// attends over the cache up to its own position: the candle path's ops and roundings
+    /// without its tensors.
+    pub(crate) fn layer_prefill_host(
+        &self,
+        layer: &Layer,
+        xs: Vec<f32>,
+        rots: &[(Vec<f32>, Vec<f32>)],
+        kv: &mut HostKv,
+        sel: AdapterSel<'_>,
+    ) -> Result<Vec<f32>> {
+        let t = rots.len();
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let p = self.precision();
+        let offset = kv.seen();
+        self.layer_rows(layer, xs, t, sel, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
+            for (i, (cos, sin)) in rots.iter().enumerate() {
+                if let (Some(qi), Some(ki)) = (q.get_mut(i * qw..(i + 1) * qw), k.get_mut(i * kw..(i + 1) * kw)) {
+                    rope(qi, hd, cos, sin, p);
+                    rope(ki, hd, cos, sin, p);
+                }
+            }
+            // `[t, kv_heads, d]` rows to the cache's `[kv_heads, t, d]`.
+            kv.append(&heads_major(k, t, nkv, hd), &heads_major(v, t, nkv, hd), t)?;
+            let seqs: Vec<(&HostKv, usize, usize)> = (0..t).map(|i| (&*kv, 0, offset + i + 1)).collect();
             self.attend(q, &seqs, nh, nkv, hd)
         })
     }

@@ -8,13 +8,12 @@
 //!   decodes a panel of weights (16 outputs x up to [`KC`] inputs, a few KiB) into f32 once and
 //!   runs a register-tiled f32 micro-kernel over all rows; decoding becomes a small fixed cost.
 //!
-//! Both are split across threads by output rows (one-row products on the kernel team of
-//! [`super::for_each_index`], the others on rayon); the weight is never held in full
-//! precision beyond one panel per thread.
+//! Both are split across threads by output rows, on the kernel team of
+//! [`super::for_each_index`]; the weight is never held in full precision beyond one panel per
+//! thread.
 
 use half::f16;
 use nibble_core::{Error, Result};
-use rayon::prelude::*;
 
 use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
 use crate::functional::{check_blocksize, tables, QuantType};
@@ -459,21 +458,33 @@ fn gemm(isa: Isa, w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
     let min_panels = MIN_MACS_PER_TASK.div_ceil(rows * n_in * NR);
     let per_task = chunk_len(n_panels, min_panels).min(MAX_PANELS_PER_TASK.max(min_panels));
     let n_tasks = n_panels.div_ceil(per_task);
-    let parts: Vec<(usize, usize, Vec<f32>)> = (0..n_tasks)
-        .into_par_iter()
-        .map(|t| {
-            let p0 = t * per_task;
-            let p1 = n_panels.min(p0 + per_task);
-            let o0 = p0 * NR;
-            let o1 = n_out.min(p1 * NR);
-            (o0, o1, gemm_task(isa, w, x, rows, o0, o1, p1 - p0))
-        })
-        .collect();
+    // On the kernel team (the calling thread and its helper), as the matrix-vector paths: a
+    // prompt's products run one after another from the model's thread, and handing them to
+    // rayon left that thread parked and the team's helper spinning beside rayon's workers.
+    let parts: Vec<std::sync::Mutex<(usize, usize, Vec<f32>)>> = (0..n_tasks).map(|_| Default::default()).collect();
+    super::for_each_index(n_tasks, &|t| {
+        let p0 = t * per_task;
+        let p1 = n_panels.min(p0 + per_task);
+        let o0 = p0 * NR;
+        let o1 = n_out.min(p1 * NR);
+        let c = gemm_task(isa, w, x, rows, o0, o1, p1 - p0);
+        if let Some(Ok(mut part)) = parts.get(t).map(|m| m.lock()) {
+            *part = (o0, o1, c);
+        }
+    });
+    let parts: Vec<(usize, usize, Vec<f32>)> =
+        parts.into_iter().map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)).collect();
     // Each task filled `[rows, its panels * 16]`; copy the real columns into place.
-    y.par_chunks_mut(n_out).enumerate().with_min_len(16).for_each(|(r, yr)| {
-        for (o0, o1, c) in &parts {
-            let ldc = c.len() / rows;
-            yr[*o0..*o1].copy_from_slice(&c[r * ldc..r * ldc + (o1 - o0)]);
+    let rows_per_task = chunk_len(rows, 16);
+    for_each_chunk_mut(y, rows_per_task * n_out, |ci, yc| {
+        for (i, yr) in yc.chunks_exact_mut(n_out).enumerate() {
+            let r = ci * rows_per_task + i;
+            for (o0, o1, c) in &parts {
+                let ldc = c.len() / rows;
+                if let (Some(dst), Some(src)) = (yr.get_mut(*o0..*o1), c.get(r * ldc..r * ldc + (o1 - o0))) {
+                    dst.copy_from_slice(src);
+                }
+            }
         }
     });
 }
