@@ -257,11 +257,15 @@ impl HostKv {
 /// the normalized value and the product each rounded to `p`, the model dtype (as the tensor
 /// path's `Llama::rms_norm`).
 fn rms_norm(x: &[f32], w: &[f32], eps: f64, p: Precision) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(w.len().max(1)) {
+    let mut out = vec![0.0f32; x.len()];
+    for (row, o) in x.chunks_exact(w.len().max(1)).zip(out.chunks_exact_mut(w.len().max(1))) {
         let sum2 = dot_f32(row, row);
         let inv = 1.0 / (sum2 / row.len() as f32 + eps as f32).sqrt();
-        out.extend(row.iter().zip(w).map(|(&v, &g)| p.round(p.round(v * inv) * g)));
+        // Whole-row loops around each rounding, so that every one vectorizes.
+        o.iter_mut().zip(row).for_each(|(o, &v)| *o = v * inv);
+        p.round_slice(o);
+        o.iter_mut().zip(w).for_each(|(o, &g)| *o *= g);
+        p.round_slice(o);
     }
     out
 }
@@ -271,19 +275,37 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f64, p: Precision) -> Vec<f32> {
 /// rounded to `p` (candle's fused `rope` for f32).
 fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], p: Precision) {
     let half = cos.len();
+    // The four products of a head for the 16-bit case, each rounded as a whole slice (so that
+    // the roundings vectorize), reused from head to head.
+    let mut prods = if p == Precision::F32 { Vec::new() } else { vec![0.0f32; 4 * half] };
     for head in x.chunks_exact_mut(head_dim.max(1)) {
         let Some(rotated) = head.get_mut(..2 * half) else { continue };
         let (a, b) = rotated.split_at_mut(half);
-        for (((x1, x2), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
-            let (u, v) = (*x1, *x2);
-            if p == Precision::F32 {
+        if p == Precision::F32 {
+            for (((x1, x2), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                let (u, v) = (*x1, *x2);
                 *x1 = u * c - v * s;
                 *x2 = u * s + v * c;
-            } else {
-                *x1 = p.round(p.round(u * c) - p.round(v * s));
-                *x2 = p.round(p.round(v * c) + p.round(u * s));
             }
+            continue;
         }
+        let (uc, rest) = prods.split_at_mut(half);
+        let (vs, rest) = rest.split_at_mut(half);
+        let (vc, us) = rest.split_at_mut(half);
+        for j in 0..half.min(a.len()).min(b.len()).min(sin.len()) {
+            let (u, v, c, s) = (a[j], b[j], cos[j], sin[j]);
+            (uc[j], vs[j], vc[j], us[j]) = (u * c, v * s, v * c, u * s);
+        }
+        p.round_slice(&mut prods);
+        let (uc, rest) = prods.split_at(half);
+        let (vs, rest) = rest.split_at(half);
+        let (vc, us) = rest.split_at(half);
+        for j in 0..half.min(a.len()).min(b.len()) {
+            a[j] = uc[j] - vs[j];
+            b[j] = vc[j] + us[j];
+        }
+        p.round_slice(a);
+        p.round_slice(b);
     }
 }
 
@@ -560,7 +582,8 @@ impl Llama {
             let sum = softmax_exp(&mut s);
             p.round_slice(&mut s);
             values.weighted_sum(hd, &s, out);
-            out.iter_mut().for_each(|o| *o = p.round(*o / sum));
+            out.iter_mut().for_each(|o| *o /= sum);
+            p.round_slice(out);
         };
         let mut out = vec![0.0f32; seqs.len() * nh * hd];
         if q.len() != out.len() {
