@@ -41,3 +41,47 @@ fn greedy_chat_answers_as_transformers() {
         assert_eq!(out.text.trim(), "The capital of France is Paris.", "{:?}", quant.method());
     }
 }
+
+/// The f32 model's `lm_head` (a Q8_0 tensor in this GGUF) stays in its blocks on the CPU, and the
+/// planner sizes it so: planned weight bytes equal resident ones to the byte, in f32 (blocks)
+/// and in bf16 (a dense bf16 head). A head planned onto a GPU, where it would be dense, is sized
+/// as the dense f32 matrix.
+#[test]
+fn the_q8_head_is_held_in_blocks_and_planned_so() {
+    let Some(path) = qwen_gguf() else { return };
+    let inventory = nibble::Inventory::simulated(&[], 64 << 30);
+    for (dtype, format) in [(ModelDtype::F32, "q8_0"), (ModelDtype::Bf16, "dense")] {
+        let opts = LoadOptions {
+            quant: BitsAndBytesConfig::nf4(),
+            dtype,
+            device_map: nibble::DeviceMap::Cpu,
+            inventory: Some(inventory.clone()),
+            ..LoadOptions::default()
+        };
+        let model = Model::load(&path, &opts).unwrap();
+        let head = model.llama().linears().into_iter().find(|(n, _)| n == "lm_head").unwrap().1;
+        assert_eq!(head.format(), format, "{dtype:?}");
+        let cfg = model.config();
+        let mut req = opts.plan_request(cfg);
+        req.dtype = model.dtype();
+        let plan = nibble::plan(cfg, &BitsAndBytesConfig::nf4(), &req, &inventory).unwrap();
+        let planned: u64 = plan.usage.iter().map(|u| u.weight_bytes).sum();
+        assert_eq!(planned, model.resident_weight_bytes() as u64, "{dtype:?}: planned vs resident");
+        if dtype == ModelDtype::F32 {
+            // 151,936 x 896 codes and an f32 scale per 32 of them, against 4 bytes a weight.
+            let (vocab, h) = (cfg.vocab_size as u64, cfg.hidden_size as u64);
+            assert_eq!(head.resident_bytes() as u64, vocab * h + 4 * vocab * h / 32);
+            let gpus = nibble::Inventory::simulated(&[24 << 30], 64 << 30);
+            let mut on_gpu = opts.plan_request(cfg);
+            on_gpu.device_map = nibble::DeviceMap::Auto;
+            on_gpu.dtype = model.dtype();
+            let plan = nibble::plan(cfg, &BitsAndBytesConfig::nf4(), &on_gpu, &gpus).unwrap();
+            let mut dense_cfg = cfg.clone();
+            dense_cfg.head_q8_blocks = false;
+            let dense = nibble::plan(&dense_cfg, &BitsAndBytesConfig::nf4(), &on_gpu, &gpus).unwrap();
+            let total = |p: &nibble::Plan| p.usage.iter().map(|u| u.weight_bytes).sum::<u64>();
+            assert_eq!(total(&plan), total(&dense), "a GPU head is the dense matrix");
+            assert_eq!(total(&plan), planned + 4 * vocab * h - (vocab * h + 4 * vocab * h / 32));
+        }
+    }
+}

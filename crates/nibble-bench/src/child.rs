@@ -143,6 +143,7 @@ fn run_nibble(spec: &Spec) -> Result<Measured> {
             LinearStorage::FourBit(q, _) => q.packed.len() + 4 * q.n_blocks(),
             LinearStorage::Int8 { cb, scb } => cb.len() + 4 * scb.len(),
             LinearStorage::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            LinearStorage::Q8Blocks { scales, codes } => codes.len() + 4 * scales.len(),
         };
         m.bytes_per_token += read as u64;
         m.largest_f32 = m.largest_f32.max((l.in_features() * l.out_features() * 4) as u64);

@@ -81,6 +81,10 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The raw `quantization_config` object, when the checkpoint is pre-quantized.
     pub quantization_config: Option<Value>,
+    /// Whether the checkpoint's own `lm_head` is a GGUF `Q8_0` tensor (never for a folder): an
+    /// f32 model on the CPU holds it as those blocks, whose `scale * code` values are exactly
+    /// the f32 weights transformers' GGUF loader makes (`nibble_quant::BlockQ8Linear`).
+    pub head_q8_blocks: bool,
 }
 
 /// A linear layer of a decoder layer, with its shape for one configuration.
@@ -214,6 +218,7 @@ impl ModelConfig {
             bos_token_id: token_ids(obj, path, "bos_token_id")?.first().copied(),
             eos_token_ids: token_ids(obj, path, "eos_token_id")?,
             quantization_config: obj.get("quantization_config").filter(|q| !q.is_null()).cloned(),
+            head_q8_blocks: false,
         })
     }
 

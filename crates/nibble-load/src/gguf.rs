@@ -408,6 +408,7 @@ impl GgufFile {
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
             quantization_config: None,
+            head_q8_blocks: self.is_q8_0("lm_head.weight"),
         };
         self.check_tensors(&cfg)?;
         Ok(cfg)
@@ -487,6 +488,44 @@ impl GgufFile {
         } else {
             Ok(w)
         }
+    }
+
+    /// Whether `hf_name` is stored as `Q8_0` blocks.
+    fn is_q8_0(&self, hf_name: &str) -> bool {
+        let info = self.gguf_name(hf_name).and_then(|g| self.content.tensor_infos.get(g));
+        info.is_some_and(|i| i.ggml_dtype == candle_core::quantized::GgmlDType::Q8_0)
+    }
+
+    /// The `Q8_0` tensor `hf_name` (not a permuted Q or K) as its blocks: one scale per 32 values
+    /// (the f16's exact f32 value) and the codes, row-major `[out, in]`, checked to have shape
+    /// `expected`. `None` when the tensor is stored another way.
+    pub fn q8_0_blocks(&self, hf_name: &str, expected: &[usize]) -> Result<Option<(Vec<f32>, Vec<i8>)>> {
+        let is = |m: &str| hf_name.ends_with(&format!("{m}.weight"));
+        if !self.is_q8_0(hf_name) || (self.desc.gguf_rotary_permuted && (is("self_attn.q_proj") || is("self_attn.k_proj"))) {
+            return Ok(None);
+        }
+        let Some(info) = self.gguf_name(hf_name).and_then(|g| self.content.tensor_infos.get(g)) else { return Ok(None) };
+        let corrupt = |reason: String| Error::CorruptGguf { path: self.path.clone(), reason: format!("tensor `{hf_name}`: {reason}") };
+        if info.shape.dims() != expected {
+            return Err(corrupt(format!("shape {:?}, the metadata implies {expected:?}", info.shape.dims())));
+        }
+        let n = expected.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| corrupt("its size overflows".into()))?;
+        if !n.is_multiple_of(32) || expected.last().is_some_and(|w| !w.is_multiple_of(32)) {
+            return Err(corrupt("a Q8_0 row is not whole 32-value blocks".into()));
+        }
+        let blocks = n / 32;
+        // Checked before anything is allocated: the blocks lie inside the file.
+        let start = usize::try_from(self.content.tensor_data_offset)
+            .ok()
+            .and_then(|o| o.checked_add(usize::try_from(info.offset).ok()?));
+        let bytes = self.mmap.get(start.unwrap_or(usize::MAX)..).and_then(|rest| rest.get(..blocks.checked_mul(34)?));
+        let bytes = bytes.ok_or_else(|| corrupt("its Q8_0 blocks run past the end of the file".into()))?;
+        let (mut scales, mut codes) = (Vec::with_capacity(blocks), Vec::with_capacity(n));
+        for b in bytes.chunks_exact(34) {
+            scales.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+            codes.extend(b[2..].iter().map(|&c| c as i8));
+        }
+        Ok(Some((scales, codes)))
     }
 
     /// [`GgufFile::tensor_f32`] rounded to bf16 (to nearest even): the exact values an imported

@@ -88,6 +88,9 @@ pub struct Estimate {
     /// these are the bytes of the copy the head's device holds when it is another one; 0 when the
     /// head is not such a shared matrix.
     pub tied_head_copy: u64,
+    /// What the head holds beyond `head` on a device other than the CPU (a GGUF `Q8_0` head of
+    /// an f32 model stays in its blocks only on the CPU); 0 otherwise.
+    pub head_off_cpu_extra: u64,
     /// KV cache of one full-attention layer for `max_seq_len` × `batch`.
     pub kv_per_layer: u64,
     /// KV cache of each layer: a windowed layer holds at most its window of positions.
@@ -142,6 +145,15 @@ impl Estimate {
         // A tied lm_head left unquantized is the embedding matrix itself; quantized, it is its own.
         let shared = cfg.tie_word_embeddings && head_method == QuantMethod::None;
         let lm_head = if shared { 0 } else { linear_bytes(vocab, h, head_method, quant, d)? };
+        // A GGUF `Q8_0` head of an f32 model is held as its blocks on the CPU (an i8 code a
+        // weight, an f32 scale per 32); elsewhere as the dense matrix.
+        let (lm_head, head_off_cpu_extra) = if cfg.head_q8_blocks && !shared && head_method == QuantMethod::None && dtype == DType::F32 {
+            let n = product("lm_head", &[vocab, h])?;
+            let blocks = total("lm_head", &[n, product("lm_head", &[4, n / 32])?])?;
+            (blocks, lm_head.saturating_sub(blocks))
+        } else {
+            (lm_head, 0)
+        };
         let head = total("the head", &[product("model.norm", &[h, d])?, lm_head])?;
         let tied_head_copy = if shared { embed } else { 0 };
 
@@ -190,6 +202,7 @@ impl Estimate {
             layers,
             head,
             tied_head_copy,
+            head_off_cpu_extra,
             kv_per_layer,
             kv_layers,
             layer_reserve,

@@ -147,6 +147,9 @@ fn usage_of(layers: &LayerPlan, est: &Estimate, req: &PlanRequest, inv: &Invento
         }
         if layers.head == device {
             weights.push(est.head);
+            if !matches!(device, DeviceSpec::Cpu | DeviceSpec::LogicalCpu(_)) {
+                weights.push(est.head_off_cpu_extra);
+            }
             // A tied lm_head shares the embedding's storage only where the embedding is.
             if layers.embed != device {
                 weights.push(est.tied_head_copy);
@@ -276,8 +279,8 @@ fn sequential_counts(
         let room = budget(dev, req, inv)?;
         let head = match (head_room, g == embed_gpu) {
             (false, _) => 0,
-            (true, true) => total(&what, &[est.head, est.head_reserve])?,
-            (true, false) => total(&what, &[est.head, est.head_reserve, est.tied_head_copy])?,
+            (true, true) => total(&what, &[est.head, est.head_off_cpu_extra, est.head_reserve])?,
+            (true, false) => total(&what, &[est.head, est.head_off_cpu_extra, est.head_reserve, est.tied_head_copy])?,
         };
         while next < cap {
             let first = if counts[k] == 0 { est.layer_reserve } else { 0 };

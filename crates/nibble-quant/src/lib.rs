@@ -17,4 +17,4 @@ pub mod quant_state;
 
 pub use config::{BitsAndBytesConfig, ComputeDtype, ModelDtype, QuantMethod};
 pub use functional::QuantType;
-pub use linear::{convert_dtype, AdapterSel, DenseLinear, Linear4bit, Linear8bit, LoraLinear, LoraWeights, QuantLinear};
+pub use linear::{convert_dtype, AdapterSel, BlockQ8Linear, DenseLinear, Linear4bit, Linear8bit, LoraLinear, LoraWeights, QuantLinear};

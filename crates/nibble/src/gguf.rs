@@ -42,7 +42,18 @@ struct GgufProvider<'a> {
 impl WeightProvider for GgufProvider<'_> {
     fn linear(&mut self, name: &str, weight_name: &str, shape: LinearShape, device: &Device) -> Result<Box<dyn QuantLinear>> {
         self.progress.set_message(name.to_string());
-        let w = self.gguf.tensor_f32(weight_name, &[shape.out_features, shape.in_features])?;
+        let dims = [shape.out_features, shape.in_features];
+        // An f32 model's unquantized head from a Q8_0 tensor stays in its blocks on the CPU: the
+        // same f32 weights (`scale * code`, exact), a quarter of the bytes read per token.
+        let blocks = name == "lm_head" && !self.quantizes(name) && self.dtype == candle_core::DType::F32 && device.is_cpu();
+        if blocks {
+            if let Some((scales, codes)) = self.gguf.q8_0_blocks(weight_name, &dims)? {
+                let bias = self.bias(name, shape, device)?;
+                self.progress.inc(1);
+                return Ok(Box::new(nibble_quant::BlockQ8Linear::new(scales, codes, dims[0], dims[1], bias)?));
+            }
+        }
+        let w = self.gguf.tensor_f32(weight_name, &dims)?;
         let bias = self.bias(name, shape, device)?;
         let layer = quantize_or_dense(name, &w, bias, self.quant, (self.dtype, self.compute), device)?;
         self.progress.inc(1);

@@ -149,6 +149,10 @@ impl Model {
             let shape = [layer.out_features(), layer.in_features()];
             match layer.storage() {
                 LinearStorage::Dense(w) => tensors.push((format!("{name}.weight"), dense(w)?)),
+                // A GGUF head held in its blocks is an unquantized layer: saved as its values.
+                LinearStorage::Q8Blocks { .. } => {
+                    tensors.push((format!("{name}.weight"), dense(&layer.dequantized_weight(llama.dtype())?)?));
+                }
                 LinearStorage::FourBit(q, dtype) => four_bit(&name, q, dtype, shape, &mut tensors),
                 LinearStorage::Int8 { cb, scb } => {
                     let data = cb.iter().map(|&x| x as u8).collect();

@@ -44,6 +44,7 @@
 mod dense;
 mod four_bit;
 mod int8;
+mod q8_blocks;
 pub(crate) mod quant;
 mod rows;
 mod team;
@@ -67,6 +68,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub use four_bit::{matmul_4bit, matmul_4bit_with, Matrix4bit, Precision, Rounding};
 pub(crate) use four_bit::round_bf16;
 pub use int8::{int8_matmul_i32, int8_matmul_i32_with};
+pub use q8_blocks::{matmul_q8_blocks, Q8_BLOCK};
 pub use quant::{int8_vectorwise_quant_with, quantize_4bit_with};
 pub use rows::Rows;
 pub use team::{for_each_chunk_mut, for_each_index};

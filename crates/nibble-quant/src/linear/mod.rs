@@ -12,9 +12,11 @@ use crate::kernels::{self, Matrix4bit, Precision, Rounding};
 
 mod int8;
 mod lora;
+mod q8;
 
 pub use int8::Linear8bit;
 pub use lora::{AdapterSel, LoraLinear, LoraWeights};
+pub use q8::BlockQ8Linear;
 
 /// A linear layer `y = x W^T (+ b)` whatever the weight's storage.
 pub trait QuantLinear: std::fmt::Debug + Send + Sync {
@@ -143,6 +145,13 @@ pub enum LinearStorage<'a> {
         cb: &'a [i8],
         /// Row absmax (SCB).
         scb: &'a [f32],
+    },
+    /// GGUF `Q8_0` blocks of an unquantized f32 layer: weight `i` is `scales[i / 32] * codes[i]`.
+    Q8Blocks {
+        /// One scale a 32-value block (an f16's exact value).
+        scales: &'a [f32],
+        /// Row-major codes `[out, in]`.
+        codes: &'a [i8],
     },
 }
 
