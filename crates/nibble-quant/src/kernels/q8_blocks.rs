@@ -42,7 +42,7 @@ pub fn matmul_q8_blocks(scales: &[f32], codes: &[i8], out_features: usize, in_fe
         return Ok(y);
     }
     let blocks = in_features / Q8_BLOCK;
-    let avx2 = Isa::detect().avx2();
+    let isa = Isa::detect();
     // Output rows `o0..` into `out` (`[n, rows]`, transposed below when rows > 1): a task's
     // weight rows stay in cache from one activation row to the next.
     let run = |o0: usize, out: &mut [f32]| {
@@ -53,7 +53,7 @@ pub fn matmul_q8_blocks(scales: &[f32], codes: &[i8], out_features: usize, in_fe
             };
             for (r, yo) in ys.iter_mut().enumerate() {
                 let xr = x.get(r * in_features..(r + 1) * in_features).unwrap_or(&[]);
-                *yo = row_dot(avx2, sc, cs, xr);
+                *yo = row_dot(isa, sc, cs, xr);
             }
         }
     };
@@ -75,15 +75,22 @@ pub fn matmul_q8_blocks(scales: &[f32], codes: &[i8], out_features: usize, in_fe
 }
 
 /// One output: `sum_k (scale_b * code_k) * x_k` over the row's blocks, in the order the module
-/// docs give (the portable path keeps the same lanes and the same reduction).
-fn row_dot(avx2: bool, scales: &[f32], codes: &[i8], x: &[f32]) -> f32 {
+/// docs give, the same bits on every instruction set (the lanes and the reduction are fixed).
+fn row_dot(isa: Isa, scales: &[f32], codes: &[i8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if avx2 && x.len() >= codes.len() && codes.len() >= scales.len() * Q8_BLOCK {
-        // SAFETY: `avx2` is `Isa::detect().avx2()` (avx2+fma detected); the kernel reads
-        // `scales.len()` blocks of `codes` and of `x`, which the condition bounds.
-        return unsafe { row_dot_avx2(scales, codes, x) };
+    if isa.avx2() && x.len() >= codes.len() && codes.len() >= scales.len() * Q8_BLOCK {
+        // SAFETY: `isa` came from `Isa::detect` or `Isa::supported` (its features detected:
+        // avx2+fma, and avx512f for `Avx512`); the kernels read `scales.len()` blocks of `codes`
+        // and of `x`, which the condition bounds.
+        return unsafe {
+            if isa == Isa::Avx512 {
+                row_dot_avx512(scales, codes, x)
+            } else {
+                row_dot_avx2(scales, codes, x)
+            }
+        };
     }
-    let _ = avx2;
+    let _ = isa;
     let mut acc = [[0.0f32; 8]; 4];
     for ((&s, c), xb) in scales.iter().zip(codes.chunks_exact(Q8_BLOCK)).zip(x.chunks_exact(Q8_BLOCK)) {
         for (j, a) in acc.iter_mut().enumerate() {
@@ -127,6 +134,33 @@ unsafe fn row_dot_avx2(scales: &[f32], codes: &[i8], x: &[f32]) -> f32 {
     super::avx2::hsum(v)
 }
 
+/// [`row_dot`] with AVX-512: the AVX2 kernel's four 8-lane accumulators as the halves of two
+/// 16-lane ones, added in the same pairs before the same final reduction.
+///
+/// # Safety
+/// The CPU must support avx512f, avx2 and fma; `codes` and `x` must hold `scales.len() * 32`
+/// values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn row_dot_avx512(scales: &[f32], codes: &[i8], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let (cp, xp) = (codes.as_ptr(), x.as_ptr());
+    for (b, &s) in scales.iter().enumerate() {
+        let sv = _mm512_set1_ps(s);
+        let base = b * Q8_BLOCK;
+        let w = |at: usize| _mm512_mul_ps(sv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.add(at).cast()))));
+        lo = _mm512_fmadd_ps(w(base), _mm512_loadu_ps(xp.add(base)), lo);
+        hi = _mm512_fmadd_ps(w(base + 16), _mm512_loadu_ps(xp.add(base + 16)), hi);
+    }
+    let half = |v: __m512| {
+        let a = _mm512_castps512_ps256(v);
+        let b = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        _mm256_add_ps(a, b)
+    };
+    super::avx2::hsum(_mm256_add_ps(half(lo), half(hi)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,7 +189,10 @@ mod tests {
                 assert!((got - want).abs() <= mag * inn as f64 * f64::from(f32::EPSILON), "({r}, {o}): {got} vs {want}");
                 let xr = &x[r * inn..(r + 1) * inn];
                 let (sc, cs) = (&scales[o * 3..(o + 1) * 3], &codes[o * inn..(o + 1) * inn]);
-                assert_eq!(row_dot(false, sc, cs, xr).to_bits(), row_dot(true, sc, cs, xr).to_bits(), "portable vs avx2");
+                let portable = row_dot(Isa::Portable, sc, cs, xr).to_bits();
+                for isa in Isa::supported() {
+                    assert_eq!(row_dot(isa, sc, cs, xr).to_bits(), portable, "portable vs {isa:?}");
+                }
             }
         }
         assert!(matmul_q8_blocks(&scales, &codes, out, 95, &x, rows).is_err());
