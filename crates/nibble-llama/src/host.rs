@@ -441,17 +441,14 @@ impl Llama {
     ) -> Result<Vec<f32>> {
         let n = kvs.len();
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let (qw, kw) = (nh * hd, nkv * hd);
-        let p = self.precision();
+        let kw = nkv * hd;
         if rots.len() != n {
             return Err(Error::invalid_argument("rots", format!("{} positions for {n} sequences", rots.len())));
         }
         self.layer_rows(layer, xs, n, sel, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
-            for (i, (kv, (cos, sin))) in kvs.iter_mut().zip(rots).enumerate() {
-                let (qi, ki) = (&mut q[i * qw..(i + 1) * qw], &mut k[i * kw..(i + 1) * kw]);
-                rope(qi, hd, cos, sin, p);
-                rope(ki, hd, cos, sin, p);
-                kv.append(ki, &v[i * kw..(i + 1) * kw], 1)?;
+            self.rope_rows(q, k, rots);
+            for (i, kv) in kvs.iter_mut().enumerate() {
+                kv.append(&k[i * kw..(i + 1) * kw], &v[i * kw..(i + 1) * kw], 1)?;
             }
             // Every row's heads in one hand-off to the kernel team, so the two cores share
             // the whole batch's attention instead of one row's few heads at a time.
@@ -491,21 +488,28 @@ impl Llama {
     ) -> Result<Vec<f32>> {
         let t = rots.len();
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let (qw, kw) = (nh * hd, nkv * hd);
-        let p = self.precision();
         let offset = kv.seen();
         self.layer_rows(layer, xs, t, sel, |q: &mut [f32], k: &mut [f32], v: &[f32]| {
-            for (i, (cos, sin)) in rots.iter().enumerate() {
-                if let (Some(qi), Some(ki)) = (q.get_mut(i * qw..(i + 1) * qw), k.get_mut(i * kw..(i + 1) * kw)) {
-                    rope(qi, hd, cos, sin, p);
-                    rope(ki, hd, cos, sin, p);
-                }
-            }
+            self.rope_rows(q, k, rots);
             // `[t, kv_heads, d]` rows to the cache's `[kv_heads, t, d]`.
             kv.append(&heads_major(k, t, nkv, hd), &heads_major(v, t, nkv, hd), t)?;
             let seqs: Vec<(&HostKv, usize, usize)> = (0..t).map(|i| (&*kv, 0, offset + i + 1)).collect();
             self.attend(q, &seqs, nh, nkv, hd)
         })
+    }
+
+    /// RoPE of each row of `q` and `k` (`[rows, heads * head_dim]`) at the position whose cos and
+    /// sin are `rots[row]`.
+    fn rope_rows(&self, q: &mut [f32], k: &mut [f32], rots: &[(Vec<f32>, Vec<f32>)]) {
+        let hd = self.cfg.head_dim;
+        let (qw, kw) = (self.cfg.num_attention_heads * hd, self.cfg.num_key_value_heads * hd);
+        let p = self.precision();
+        for (i, (cos, sin)) in rots.iter().enumerate() {
+            if let (Some(qi), Some(ki)) = (q.get_mut(i * qw..(i + 1) * qw), k.get_mut(i * kw..(i + 1) * kw)) {
+                rope(qi, hd, cos, sin, p);
+                rope(ki, hd, cos, sin, p);
+            }
+        }
     }
 
     /// The layer on `b` rows of `xs` (`[b, hidden]`), with `attention(q, k, v)` turning the
