@@ -492,10 +492,7 @@ impl Llama {
         let rots: Vec<_> = (offset..offset + t).map(|p| self.rope.cos_sin_host(p, self.precision())).collect();
         let mut xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            if matches!(slot, Slot::Empty) {
-                *slot = Slot::Host(self.host_kv(1, layer.window));
-            }
-            if let Slot::Host(kv) = slot {
+            if let Some(kv) = self.host_slot(slot, layer) {
                 xs = self.layer_prefill_host(layer, xs, &rots, kv, sel)?;
             }
         }
@@ -582,11 +579,7 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let mut kvs = Vec::with_capacity(n);
             for cache in caches.iter_mut() {
-                let slot = &mut cache.layers[li];
-                if matches!(slot, Slot::Empty) {
-                    *slot = Slot::Host(self.host_kv(1, layer.window));
-                }
-                if let Slot::Host(kv) = slot {
+                if let Some(kv) = self.host_slot(&mut cache.layers[li], layer) {
                     kvs.push(kv);
                 }
             }
@@ -595,6 +588,18 @@ impl Llama {
         let x = Tensor::from_vec(xs, (n, 1, h), &Device::Cpu)?.to_device(&self.placement.head)?;
         let x = self.rms_norm(&x, &self.norm)?;
         Ok(self.linear(self.lm_head.as_ref(), &x, sel)?.reshape((n, self.cfg.vocab_size))?)
+    }
+
+    /// A one-sequence layer slot as host buffers: made empty ones for `layer` where the slot has
+    /// none yet; `None` for a slot holding tensors.
+    fn host_slot<'c>(&self, slot: &'c mut Slot, layer: &Layer) -> Option<&'c mut HostKv> {
+        if matches!(slot, Slot::Empty) {
+            *slot = Slot::Host(self.host_kv(1, layer.window));
+        }
+        match slot {
+            Slot::Host(kv) => Some(kv),
+            _ => None,
+        }
     }
 
     /// An empty host cache for a layer with attention window `window`, `batch` rows.

@@ -455,23 +455,7 @@ impl GgufFile {
     /// The tensor `hf_name` (Hugging Face name) dequantized to f32 on the CPU, Q and K
     /// un-permuted to the Hugging Face layout, checked to have shape `expected`.
     pub fn tensor_f32(&self, hf_name: &str, expected: &[usize]) -> Result<Tensor> {
-        let gguf_name = self
-            .gguf_name(hf_name)
-            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: hf_name.to_string() })?;
-        let info = self
-            .content
-            .tensor_infos
-            .get(gguf_name)
-            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: gguf_name.to_string() })?;
-        if info.shape.dims() != expected {
-            return Err(Error::CorruptGguf {
-                path: self.path.clone(),
-                reason: format!(
-                    "tensor `{gguf_name}` has shape {:?}, the metadata implies {expected:?}",
-                    info.shape.dims()
-                ),
-            });
-        }
+        let (gguf_name, info) = self.info(hf_name, expected)?;
         let q = info
             .read(&mut Cursor::new(&self.mmap[..]), self.content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| Error::CorruptGguf { path: self.path.clone(), reason: format!("tensor `{gguf_name}`: {e}") })?;
@@ -490,6 +474,28 @@ impl GgufFile {
         }
     }
 
+    /// The GGUF name and tensor info of `hf_name`, checked to have shape `expected`.
+    fn info(&self, hf_name: &str, expected: &[usize]) -> Result<(&str, &TensorInfo)> {
+        let gguf_name = self
+            .gguf_name(hf_name)
+            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: hf_name.to_string() })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(gguf_name)
+            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: gguf_name.to_string() })?;
+        if info.shape.dims() != expected {
+            return Err(Error::CorruptGguf {
+                path: self.path.clone(),
+                reason: format!(
+                    "tensor `{gguf_name}` has shape {:?}, the metadata implies {expected:?}",
+                    info.shape.dims()
+                ),
+            });
+        }
+        Ok((gguf_name, info))
+    }
+
     /// Whether `hf_name` is stored as `Q8_0` blocks.
     fn is_q8_0(&self, hf_name: &str) -> bool {
         let info = self.gguf_name(hf_name).and_then(|g| self.content.tensor_infos.get(g));
@@ -504,11 +510,8 @@ impl GgufFile {
         if !self.is_q8_0(hf_name) || (self.desc.gguf_rotary_permuted && (is("self_attn.q_proj") || is("self_attn.k_proj"))) {
             return Ok(None);
         }
-        let Some(info) = self.gguf_name(hf_name).and_then(|g| self.content.tensor_infos.get(g)) else { return Ok(None) };
+        let (_, info) = self.info(hf_name, expected)?;
         let corrupt = |reason: String| Error::CorruptGguf { path: self.path.clone(), reason: format!("tensor `{hf_name}`: {reason}") };
-        if info.shape.dims() != expected {
-            return Err(corrupt(format!("shape {:?}, the metadata implies {expected:?}", info.shape.dims())));
-        }
         let n = expected.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| corrupt("its size overflows".into()))?;
         if !n.is_multiple_of(32) || expected.last().is_some_and(|w| !w.is_multiple_of(32)) {
             return Err(corrupt("a Q8_0 row is not whole 32-value blocks".into()));

@@ -16,6 +16,8 @@ use half::f16;
 use nibble_core::{Error, Result};
 
 use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa, MIN_MACS_PER_TASK};
+#[cfg(target_arch = "x86_64")]
+use super::transpose_into;
 use crate::functional::{check_blocksize, tables, QuantType};
 
 /// A floating-point precision a dequantized weight passes through.
@@ -332,17 +334,6 @@ fn gemv_avx512(w: &Matrix4bit<'_>, x: &[f32], rows: usize, y: &mut [f32]) {
     transpose_into(&yt, rows, n_out, y);
 }
 
-/// `y` (`[rows, n_out]`) from `yt` (`[n_out, rows]`).
-#[cfg(target_arch = "x86_64")]
-fn transpose_into(yt: &[f32], rows: usize, n_out: usize, y: &mut [f32]) {
-    for (o, ys) in yt.chunks_exact(rows).enumerate() {
-        for (r, &v) in ys.iter().enumerate() {
-            if let Some(d) = y.get_mut(r * n_out + o) {
-                *d = v;
-            }
-        }
-    }
-}
 
 /// The AVX2 matrix-vector path for `rows` activation rows (rows of `W` a multiple of 32 wide):
 /// weight rows split across threads, each activation row through the one-row kernels.

@@ -263,6 +263,18 @@ pub(crate) fn min_macs_per_pool_task() -> usize {
     }
 }
 
+/// `y` (`[rows, n_out]`) from `yt` (`[n_out, rows]`): the matrix-vector drivers fill each task's
+/// weight rows for every activation row contiguously, then put them in row order.
+pub(crate) fn transpose_into(yt: &[f32], rows: usize, n_out: usize, y: &mut [f32]) {
+    for (o, ys) in yt.chunks_exact(rows.max(1)).enumerate() {
+        for (r, &v) in ys.iter().enumerate() {
+            if let Some(d) = y.get_mut(r * n_out + o) {
+                *d = v;
+            }
+        }
+    }
+}
+
 /// How many pieces to split `n` units of work into: about four per thread (so uneven finishing
 /// times even out), but no piece under `min_unit` units.
 pub(crate) fn chunk_len(n: usize, min_unit: usize) -> usize {

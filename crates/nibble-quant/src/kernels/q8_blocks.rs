@@ -12,7 +12,7 @@
 
 use nibble_core::{Error, Result};
 
-use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, Isa};
+use super::{chunk_len, for_each_chunk_mut, min_macs_per_matvec_task, transpose_into, Isa};
 
 /// Values per block.
 pub const Q8_BLOCK: usize = 32;
@@ -64,13 +64,7 @@ pub fn matmul_q8_blocks(scales: &[f32], codes: &[i8], out_features: usize, in_fe
     }
     let mut yt = vec![0.0f32; rows * out_features];
     for_each_chunk_mut(&mut yt, per_task * rows, |t, yc| run(t * per_task, yc));
-    for (o, ys) in yt.chunks_exact(rows).enumerate() {
-        for (r, &v) in ys.iter().enumerate() {
-            if let Some(d) = y.get_mut(r * out_features + o) {
-                *d = v;
-            }
-        }
-    }
+    transpose_into(&yt, rows, out_features, &mut y);
     Ok(y)
 }
 

@@ -46,6 +46,11 @@ impl BlockQ8Linear {
     }
 }
 
+/// The weights `scale * code` of whole blocks (exact in f32), in order.
+fn values(codes: &[i8], scales: &[f32]) -> Vec<f32> {
+    codes.chunks_exact(Q8_BLOCK).zip(scales).flat_map(|(c, &s)| c.iter().map(move |&q| s * f32::from(q))).collect()
+}
+
 /// Activation rows up to which the matrix-vector kernel runs (a decode step, a batched one);
 /// more rows (scoring a prompt) go through [`BlockQ8Linear::blocked`].
 const MATVEC_MAX_ROWS: usize = 16;
@@ -65,9 +70,7 @@ impl BlockQ8Linear {
             let n = BLOCKED_ROWS.min(n_out - o0);
             let codes = self.codes.get(o0 * n_in..(o0 + n) * n_in).unwrap_or(&[]);
             let scales = self.scales.get(o0 * per_row..(o0 + n) * per_row).unwrap_or(&[]);
-            let values: Vec<f32> =
-                codes.chunks_exact(Q8_BLOCK).zip(scales).flat_map(|(c, &s)| c.iter().map(move |&q| s * f32::from(q))).collect();
-            let w = Tensor::from_vec(values, (n, n_in), &Device::Cpu)?;
+            let w = Tensor::from_vec(values(codes, scales), (n, n_in), &Device::Cpu)?;
             let part: Vec<f32> = xt.matmul(&w.t()?)?.flatten_all()?.to_vec1()?;
             for (yr, pr) in y.chunks_exact_mut(n_out).zip(part.chunks_exact(n.max(1))) {
                 if let Some(dst) = yr.get_mut(o0..o0 + n) {
@@ -115,13 +118,8 @@ impl QuantLinear for BlockQ8Linear {
         "q8_0"
     }
     fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
-        let values: Vec<f32> = self
-            .codes
-            .chunks_exact(Q8_BLOCK)
-            .zip(&self.scales)
-            .flat_map(|(c, &s)| c.iter().map(move |&q| s * f32::from(q)))
-            .collect();
-        Ok(Tensor::from_vec(values, (self.out_features, self.in_features), &Device::Cpu)?.to_dtype(dtype)?)
+        let w = values(&self.codes, &self.scales);
+        Ok(Tensor::from_vec(w, (self.out_features, self.in_features), &Device::Cpu)?.to_dtype(dtype)?)
     }
     fn storage(&self) -> LinearStorage<'_> {
         LinearStorage::Q8Blocks { scales: &self.scales, codes: &self.codes }
